@@ -1,0 +1,230 @@
+"""V: the convolutional variational autoencoder of World Models (Ha & Schmidhuber 2018, section 2.1
+and appendix A.1) that squeezes each 64x64 leaper frame into a small latent z.
+
+Self-contained on purpose (it imports nothing of ours): copy this file alone to train a ConvVAE on
+any directory of .npz files holding an `obs` array of uint8 (T,64,64,3) frames.
+
+    python vae.py --data runs/data --out runs/vae.pt --epochs 2
+"""
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+import zipfile
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+
+@dataclass
+class VAEConfig:
+    data: str = "runs/data"  # directory of episode .npz files with an `obs` array (T,64,64,3) uint8
+    out: str = "runs/vae.pt"  # checkpoint; a PNG of reconstructions and a .jsonl log go beside it
+    z_dim: int = 32  # size of the latent z (Ha: 32 for CarRacing, 64 for Doom)
+    epochs: int = 10  # passes over the training frames
+    batch_size: int = 128  # frames per gradient step
+    lr: float = 1e-3  # Adam learning rate
+    beta: float = 1.0  # weight of the KL term once warmed up (1 = a true VAE)
+    beta_warmup: int = 1000  # gradient steps over which beta grows linearly from 0 (seed: by hand)
+    kl_tolerance: float = 0.5  # free bits: KL below this many nats per latent dim is not penalised
+    fg_weight: float = 10.0  # extra weight of pixels that differ from their episode's background
+    fg_threshold: int = 24  # a pixel is foreground if some channel differs from the median by more
+    holdout: int = 20  # every holdout-th episode is kept out of training, for the test error
+    seed: int = 0  # seeds torch and the shuffling
+    resume: bool = False  # continue from --out instead of refusing to overwrite it
+
+
+class ConvVAE(nn.Module):
+    """Ha's ConvVAE: 4 stride-2 convs to (256,2,2), z ~ N(mu, sigma), fc + 4 transposed convs."""
+
+    def __init__(self, z_dim=32):
+        super().__init__()
+        self.z_dim = z_dim
+        self.encoder = nn.Sequential(  # (B,3,64,64) -> (B,256,2,2)
+            nn.Conv2d(3, 32, 4, 2), nn.ReLU(), nn.Conv2d(32, 64, 4, 2), nn.ReLU(),
+            nn.Conv2d(64, 128, 4, 2), nn.ReLU(), nn.Conv2d(128, 256, 4, 2), nn.ReLU(), nn.Flatten())
+        self.mu, self.logvar = nn.Linear(1024, z_dim), nn.Linear(1024, z_dim)
+        self.fc = nn.Linear(z_dim, 1024)
+        self.decoder = nn.Sequential(  # (B,1024,1,1) -> (B,3,64,64)
+            nn.ConvTranspose2d(1024, 128, 5, 2), nn.ReLU(), nn.ConvTranspose2d(128, 64, 5, 2), nn.ReLU(),
+            nn.ConvTranspose2d(64, 32, 6, 2), nn.ReLU(), nn.ConvTranspose2d(32, 3, 6, 2), nn.Sigmoid())
+
+    def encode(self, x):
+        """x (B,3,64,64) in [0,1] -> mu, logvar, each (B,z_dim)."""
+        h = self.encoder(x)  # (B,1024)
+        return self.mu(h), self.logvar(h).clamp(-10, 10)
+
+    def decode(self, z):
+        return self.decoder(self.fc(z)[:, :, None, None])  # (B,1024,1,1) -> (B,3,64,64)
+
+    def forward(self, x):
+        mu, logvar = self.encode(x)
+        z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()  # reparameterisation trick
+        return self.decode(z), mu, logvar
+
+
+def to_input(frames):
+    """uint8 (B,64,64,3) array or tensor -> float (B,3,64,64) in [0,1]."""
+    return torch.as_tensor(frames).permute(0, 3, 1, 2).float().div_(255)
+
+
+def kl_divergence(mu, logvar):
+    """KL(N(mu, sigma^2) || N(0, I)) per latent dim, closed form: (B,z_dim)."""
+    return 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar)
+
+
+def vae_loss(x, recon, mu, logvar, weight, beta, kl_tolerance):
+    """Returns (loss, recon, kl), each averaged over the batch.
+
+    Both terms are SUMMED within a frame (over 64*64*3 pixels and over the z_dim latents) and then
+    AVERAGED over the batch, so beta=1 is the real ELBO. The seed report took a per-pixel MEAN of
+    the squared error but a batch-SUMMED KL: the KL came out ~10^5 times too strong, which is why
+    beta=1 destroyed its reconstructions. `weight` (B,1,64,64) multiplies each pixel's error: the
+    frog, cars and logs cover ~2% of the frame, and unweighted the VAE learns to drop them."""
+    rec = (weight * (recon - x).pow(2)).sum(dim=(1, 2, 3)).mean()
+    kl = kl_divergence(mu, logvar).sum(dim=1).mean()
+    # Free bits (Ha's kl_tolerance): no pressure on the KL below tolerance nats per dim.
+    return rec + beta * kl.clamp(min=kl_tolerance * mu.shape[1]), rec, kl
+
+
+def load_frames(data_dir, holdout, fg_threshold):
+    """All frames of a data dir as uint8 (N,64,64,3), a foreground mask uint8 (N,64,64) and a
+    held-out flag per frame. Foreground = differs from the per-episode median frame, i.e. what
+    moves: the background is static within a level, the frog, cars and logs are not."""
+    if not os.path.isdir(data_dir):
+        sys.exit(f"error: --data {data_dir}: no such directory")
+    files = sorted(f for f in os.listdir(data_dir) if f.endswith(".npz"))
+    if not files:
+        sys.exit(f"error: --data {data_dir}: no .npz episode files in it")
+    frames, masks, held = [], [], []
+    for k, name in enumerate(tqdm(files, desc="load frames", unit="ep")):
+        path = os.path.join(data_dir, name)
+        try:
+            with np.load(path) as d:
+                obs = d["obs"]
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+            sys.exit(f"error: {path}: not a readable .npz with an `obs` array: {e}")
+        if obs.ndim != 4 or obs.shape[1:] != (64, 64, 3) or obs.dtype != np.uint8:
+            sys.exit(f"error: {path}: obs is {obs.dtype}{obs.shape}, expected uint8 (T,64,64,3)")
+        background = np.median(obs, axis=0).astype(np.int16)  # (64,64,3)
+        masks.append((np.abs(obs - background).max(axis=3) > fg_threshold).astype(np.uint8))  # (T,64,64)
+        frames.append(obs)
+        held.append(np.full(len(obs), holdout > 0 and k % holdout == holdout - 1))
+    return np.concatenate(frames), np.concatenate(masks), np.concatenate(held)
+
+
+@torch.no_grad()
+def encode(model, frames, batch_size=1024):
+    """uint8 frames (N,64,64,3) -> mu, logvar as float32 numpy (N,z_dim), batched, no grad."""
+    out = [model.encode(to_input(frames[i:i + batch_size])) for i in range(0, len(frames), batch_size)]
+    return tuple(torch.cat(t).numpy() for t in zip(*out))
+
+
+@torch.no_grad()
+def reconstruction_grid(model, frames):
+    """uint8 image: the frames in the top row, V's reconstructions (from mu) below."""
+    recon = model.decode(model.encode(to_input(frames))[0])  # (B,3,64,64)
+    recon = (recon.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)  # (B,64,64,3)
+    return np.concatenate([np.concatenate(list(frames), 1), np.concatenate(list(recon), 1)], 0)
+
+
+def load_vae(path):
+    """Rebuild V from its checkpoint alone (the config is inside)."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    model = ConvVAE(ckpt["config"]["z_dim"])
+    model.load_state_dict({k: v.float() for k, v in ckpt["model"].items()})
+    return model.eval()
+
+
+def save_atomic(obj, path):
+    torch.save(obj, path + ".tmp")
+    os.replace(path + ".tmp", path)  # a crash mid-write never leaves a half checkpoint
+
+
+@torch.no_grad()
+def evaluate(model, frames, masks, batch_size=512):
+    """Mean summed squared error per frame over all pixels and over foreground pixels only."""
+    err = fg = 0.0
+    for i in range(0, len(frames), batch_size):
+        x = to_input(frames[i:i + batch_size])
+        se = (model.decode(model.encode(x)[0]) - x).pow(2).sum(1)  # (B,64,64)
+        err += se.sum().item()
+        fg += (se * torch.as_tensor(masks[i:i + batch_size])).sum().item()
+    return err / max(len(frames), 1), fg / max(len(frames), 1)
+
+
+def train(cfg):
+    if os.path.exists(cfg.out) and not cfg.resume:
+        sys.exit(f"error: --out {cfg.out} exists; pass --resume true to continue it, or choose another path")
+    torch.manual_seed(cfg.seed)  # seeding, in one place: weights, sampling and shuffling
+    rng = np.random.default_rng(cfg.seed)
+    if cfg.resume and os.path.exists(cfg.out) and torch.load(cfg.out, weights_only=True)["epoch"] >= cfg.epochs:
+        print(f"V: {cfg.out} already has {cfg.epochs} epochs, skipping")
+        return load_vae(cfg.out)
+    frames, masks, held = load_frames(cfg.data, cfg.holdout, cfg.fg_threshold)
+    train_idx, test_idx = np.flatnonzero(~held), np.flatnonzero(held)
+    if len(train_idx) == 0:
+        sys.exit(f"error: --data {cfg.data}: no training frames left after --holdout {cfg.holdout}")
+    frames_t, masks_t = torch.from_numpy(frames), torch.from_numpy(masks)
+    model = ConvVAE(cfg.z_dim)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    epoch, step = 0, 0
+    if cfg.resume and os.path.exists(cfg.out):
+        ckpt = torch.load(cfg.out, map_location="cpu", weights_only=True)
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        epoch, step = ckpt["epoch"], ckpt["step"]
+        rng = np.random.default_rng([cfg.seed, epoch])
+    os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
+    base = os.path.splitext(cfg.out)[0]
+    pool = test_idx if len(test_idx) >= 8 else train_idx
+    show = frames[pool[np.linspace(0, len(pool) - 1, 8).astype(int)]]  # 8 fixed frames for the PNG
+    print(f"V: {sum(p.numel() for p in model.parameters()):,} parameters, {len(train_idx)} training frames, "
+          f"{len(test_idx)} held-out, foreground {masks.mean():.1%} of pixels")
+    while epoch < cfg.epochs:
+        model.train()
+        t0, perm, tot = time.time(), torch.from_numpy(rng.permutation(train_idx)), np.zeros(3)
+        for i in tqdm(range(0, len(perm), cfg.batch_size), desc=f"V epoch {epoch + 1}/{cfg.epochs}", unit="batch"):
+            idx = perm[i:i + cfg.batch_size]
+            x = to_input(frames_t[idx])  # (B,3,64,64)
+            weight = 1 + cfg.fg_weight * masks_t[idx].unsqueeze(1).float()  # (B,1,64,64)
+            beta = cfg.beta * min(1.0, step / max(cfg.beta_warmup, 1))
+            recon, mu, logvar = model(x)
+            loss, rec, kl = vae_loss(x, recon, mu, logvar, weight, beta, cfg.kl_tolerance)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            step += 1
+            tot += np.array([loss.item(), rec.item(), kl.item()]) * len(idx)
+        epoch += 1
+        model.eval()
+        test_err, test_fg = evaluate(model, frames[test_idx], masks[test_idx])
+        row = dict(epoch=epoch, step=step, loss=tot[0] / len(perm), recon=tot[1] / len(perm), kl=tot[2] / len(perm),
+                   beta=beta, test_sq_err=test_err, test_fg_sq_err=test_fg, frames_per_s=len(perm) / (time.time() - t0))
+        print("V " + " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+        save_atomic(dict(model=model.state_dict(), optimizer=opt.state_dict(), config=dataclasses.asdict(cfg),
+                         epoch=epoch, step=step), cfg.out)
+        with open(base + ".jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        import imageio.v2 as imageio  # only needed for the picture
+        imageio.imwrite(base + ".png", reconstruction_grid(model, show))
+    return model
+
+
+def cli(cls, argv=None):
+    """Build an argparse CLI from a dataclass: every field becomes --kebab-case with its default."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    for f in dataclasses.fields(cls):
+        kind = (lambda s: s.lower() in ("1", "true", "yes")) if f.type in (bool, "bool") else type(f.default)
+        p.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default, help=f"default {f.default}")
+    return cls(**vars(p.parse_args(argv)))
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(os.cpu_count() or 1)
+    train(cli(VAEConfig))
