@@ -1,0 +1,226 @@
+"""M: the memory model of World Models (Ha & Schmidhuber 2018, section 2.2 and appendix A.2), an
+LSTM whose output layer is a mixture density network: given z_t and action a_t it predicts
+P(z_{t+1}) as K Gaussians per latent dimension, plus the reward and the end of the episode.
+
+    python mdnrnn.py --data runs/data --vae runs/vae.pt --out runs/mdnrnn.pt
+(first encodes every episode of --data with V into --latents, then trains M on those latents)
+"""
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from collect import ACTIONS, cli, fail, list_episodes, load_episode
+from vae import encode, load_vae, save_atomic
+
+LOG_SIGMA_MIN, LOG_SIGMA_MAX = -5.0, 2.0  # sigma in [0.007, 7.4]: the density cannot blow up
+
+
+@dataclass
+class MDNConfig:
+    data: str = "runs/data"  # episodes written by collect.py
+    vae: str = "runs/vae.pt"  # trained V, used to encode the episodes
+    latents: str = ""  # where the encoded episodes go (default: a latents/ dir beside --out)
+    out: str = "runs/mdnrnn.pt"  # checkpoint; a .jsonl log goes beside it
+    hidden: int = 256  # LSTM units (Ha: 256 for CarRacing)
+    gaussians: int = 5  # mixture components per latent dimension (Ha: 5)
+    seq_len: int = 32  # training sequences are cut to this many steps (shorter ones are padded)
+    batch_size: int = 64  # sequences per gradient step
+    epochs: int = 10  # passes over the training sequences
+    lr: float = 1e-3  # Adam learning rate
+    grad_clip: float = 1.0  # gradient norm clipping
+    holdout: int = 20  # every holdout-th episode is kept out of training, for the test numbers
+    seed: int = 0  # seeds torch and the shuffling
+    resume: bool = False  # continue from --out instead of refusing to overwrite it
+
+
+class MDNRNN(nn.Module):
+    def __init__(self, z_dim=32, hidden=256, gaussians=5, n_actions=len(ACTIONS)):
+        super().__init__()
+        self.z_dim, self.hidden, self.k, self.n_actions = z_dim, hidden, gaussians, n_actions
+        self.lstm = nn.LSTM(z_dim + n_actions, hidden, batch_first=True)
+        self.head = nn.Linear(hidden, 3 * z_dim * gaussians + 2)  # pi, mu, log sigma; reward, done
+
+    def forward(self, z, action, state=None):
+        """z (B,T,Z), action indices (B,T) -> mixture params for z_{t+1}, each (B,T,Z,K), reward and
+        done logits (B,T), and the LSTM state (h, c), each (1,B,H)."""
+        out, state = self.lstm(self.lstm_input(z, action), state)  # (B,T,H)
+        y = self.head(out)  # (B,T,3*Z*K+2)
+        mix = y[..., :-2].reshape(*y.shape[:2], 3, self.z_dim, self.k)  # (B,T,3,Z,K)
+        log_sigma = LOG_SIGMA_MIN + (LOG_SIGMA_MAX - LOG_SIGMA_MIN) * torch.sigmoid(mix[:, :, 2])
+        return (mix[:, :, 0], mix[:, :, 1], log_sigma), y[..., -2], y[..., -1], state
+
+    def lstm_input(self, z, action):
+        return torch.cat([z, F.one_hot(action.long(), self.n_actions).float()], -1)  # (B,T,Z+A)
+
+    def step(self, z, action, state=None):
+        """One step for a batch: z (B,Z), action (B,) -> outputs of forward(), each with T=1."""
+        return self.forward(z[:, None], action[:, None], state)
+
+    def advance(self, z, action, state=None):
+        """Only the new LSTM state (h, c), each (1,B,H): all the controller needs, no MDN head."""
+        return self.lstm(self.lstm_input(z[:, None], action[:, None]), state)[1]
+
+
+def mdn_nll(logit_pi, mu, log_sigma, target):
+    """-log P(target) under the mixture, summed over latent dims: (...,Z,K) x3, (...,Z) -> (...).
+
+    Computed in log space with logsumexp (a probability-space sum underflows). A density can exceed
+    1, so a NEGATIVE NLL is normal and just means M predicts z_{t+1} sharply."""
+    log_normal = (-0.5 * ((target.unsqueeze(-1) - mu) / log_sigma.exp()).pow(2)
+                  - log_sigma - 0.5 * math.log(2 * math.pi))  # (...,Z,K)
+    return -torch.logsumexp(F.log_softmax(logit_pi, -1) + log_normal, -1).sum(-1)
+
+
+def m_losses(model, batch, sample=True):
+    """Per-batch mean losses (nll per step, reward BCE, done BCE) over valid, unpadded steps."""
+    mu, logvar, action, reward, done, step_mask, next_mask = batch
+    z = mu + torch.randn_like(mu) * (0.5 * logvar).exp() if sample else mu  # (B,L+1,Z); Ha resamples z
+    mix, r_logit, d_logit, _ = model(z[:, :-1], action)
+    nll = (mdn_nll(*mix, z[:, 1:]) * next_mask).sum() / next_mask.sum().clamp(min=1)
+    bce = lambda logit, y: (F.binary_cross_entropy_with_logits(logit, y, reduction="none") * step_mask).sum() / step_mask.sum()
+    return nll, bce(r_logit, reward), bce(d_logit, done), d_logit
+
+
+@torch.no_grad()
+def sample_next(logit_pi, mu, log_sigma, r_logit, d_logit, tau=1.0):
+    """Sample z_{t+1} (B,Z), a win (B,) and done (B,) from M's outputs for one step (each (B,1,...)).
+    Temperature tau (Ha): the mixture logits are divided by tau, the std scaled by sqrt(tau)."""
+    logit_pi, mu, log_sigma = logit_pi[:, 0], mu[:, 0], log_sigma[:, 0]  # (B,Z,K)
+    k = torch.distributions.Categorical(logits=logit_pi / max(tau, 1e-6)).sample()  # (B,Z)
+    pick = lambda t: t.gather(-1, k.unsqueeze(-1)).squeeze(-1)  # (B,Z)
+    z = pick(mu) + pick(log_sigma).exp() * math.sqrt(tau) * torch.randn_like(pick(mu))
+    return z, torch.bernoulli(torch.sigmoid(r_logit[:, 0])), torch.bernoulli(torch.sigmoid(d_logit[:, 0]))
+
+
+def encode_episodes(data, vae_path, latents):
+    """Encode every episode of `data` with V into `latents` (one .npz each: mu, logvar float16 and
+    the episode's action, reward, done). Resumable: episodes already encoded are skipped."""
+    vae = load_vae(vae_path)
+    os.makedirs(latents, exist_ok=True)
+    todo = [p for p in list_episodes(data) if not os.path.exists(os.path.join(latents, os.path.basename(p)))]
+    t0, n = time.time(), 0
+    for path in tqdm(todo, desc="encode", unit="ep"):
+        ep = load_episode(path)
+        mu, logvar = encode(vae, ep["obs"])
+        target = os.path.join(latents, os.path.basename(path))
+        np.savez(target + ".tmp.npz", mu=mu.astype(np.float16), logvar=logvar.astype(np.float16),
+                 action=ep["action"], reward=ep["reward"], done=ep["done"])
+        os.replace(target + ".tmp.npz", target)
+        n += len(mu)
+    if todo:
+        print(f"encode: {len(todo)} episodes, {n} frames, {n / (time.time() - t0):,.0f} frames/s")
+
+
+def load_sequences(latents, seq_len, holdout):
+    """Cut the encoded episodes into windows of seq_len steps (+1 frame for the last target), padded.
+    Returns the tensors of m_losses' batch and a held-out flag per window."""
+    files = sorted(f for f in os.listdir(latents) if f.endswith(".npz"))
+    if not files:
+        fail(f"{latents}: no encoded episodes")
+    cols = [[] for _ in range(7)]
+    held = []
+    for k, name in enumerate(files):
+        with np.load(os.path.join(latents, name)) as d:
+            ep = {key: d[key] for key in d.files}
+        T = len(ep["action"])
+        for s in range(0, T, seq_len):
+            n = min(seq_len, T - s)  # steps in this window
+            f = min(seq_len + 1, T - s)  # frames in this window (one more when the episode goes on)
+            pad = lambda x, length: np.pad(x, [(0, length - len(x))] + [(0, 0)] * (x.ndim - 1))
+            cols[0].append(pad(ep["mu"][s:s + f].astype(np.float32), seq_len + 1))
+            cols[1].append(pad(ep["logvar"][s:s + f].astype(np.float32), seq_len + 1))
+            cols[2].append(pad(ep["action"][s:s + n].astype(np.int64), seq_len))
+            cols[3].append(pad((ep["reward"][s:s + n] > 0).astype(np.float32), seq_len))  # win = reward 10
+            cols[4].append(pad(ep["done"][s:s + n].astype(np.float32), seq_len))
+            cols[5].append(np.arange(seq_len) < n)  # step t is real
+            cols[6].append(np.arange(seq_len) < f - 1)  # z_{t+1} exists (not after the last step)
+            held.append(holdout > 0 and k % holdout == holdout - 1)
+    tensors = [torch.from_numpy(np.stack(c)) for c in cols]
+    tensors[5], tensors[6] = tensors[5].float(), tensors[6].float()
+    return tensors, np.array(held)
+
+
+@torch.no_grad()
+def test_metrics(model, data):
+    """Held-out NLL (z from mu, no resampling), done-head accuracy and the always-'not done' baseline."""
+    model.eval()
+    nll, r_bce, d_bce, d_logit = m_losses(model, data, sample=False)
+    done, mask = data[4], data[5].bool()
+    acc = ((d_logit > 0).float() == done)[mask].float().mean().item()
+    recall = ((d_logit > 0) & (done > 0))[mask].sum().item() / max(done[mask].sum().item(), 1)
+    return dict(test_nll=nll.item(), test_reward_bce=r_bce.item(), test_done_bce=d_bce.item(), test_done_acc=acc,
+                test_done_recall=recall, always_not_done_acc=1 - done[mask].mean().item())
+
+
+def train(cfg):
+    if os.path.exists(cfg.out) and not cfg.resume:
+        fail(f"--out {cfg.out} exists; pass --resume true to continue it, or choose another path")
+    if not os.path.exists(cfg.vae):
+        fail(f"--vae {cfg.vae}: no such checkpoint (train V with vae.py first)")
+    if cfg.resume and os.path.exists(cfg.out) and torch.load(cfg.out, weights_only=True)["epoch"] >= cfg.epochs:
+        print(f"M: {cfg.out} already has {cfg.epochs} epochs, skipping")
+        return load_mdnrnn(cfg.out)
+    latents = cfg.latents or os.path.join(os.path.dirname(os.path.abspath(cfg.out)), "latents")
+    encode_episodes(cfg.data, cfg.vae, latents)
+    torch.manual_seed(cfg.seed)  # seeding, in one place: weights, z resampling and shuffling
+    rng = np.random.default_rng(cfg.seed)
+    data, held = load_sequences(latents, cfg.seq_len, cfg.holdout)
+    train_set = [t[~held] for t in data]
+    test_set = [t[held] for t in data] if held.any() else train_set
+    z_dim = data[0].shape[-1]
+    model = MDNRNN(z_dim, cfg.hidden, cfg.gaussians)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    epoch, step = 0, 0
+    if cfg.resume and os.path.exists(cfg.out):
+        ckpt = torch.load(cfg.out, map_location="cpu", weights_only=True)
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        epoch, step = ckpt["epoch"], ckpt["step"]
+        rng = np.random.default_rng([cfg.seed, epoch])
+    print(f"M: {sum(p.numel() for p in model.parameters()):,} parameters, {len(train_set[0])} training "
+          f"sequences, {int(held.sum())} held-out; before training: {test_metrics(model, test_set)}")
+    log = os.path.splitext(cfg.out)[0] + ".jsonl"
+    while epoch < cfg.epochs:
+        model.train()
+        t0, perm, tot = time.time(), torch.from_numpy(rng.permutation(len(train_set[0]))), np.zeros(3)
+        for i in tqdm(range(0, len(perm), cfg.batch_size), desc=f"M epoch {epoch + 1}/{cfg.epochs}", unit="batch"):
+            batch = [t[perm[i:i + cfg.batch_size]] for t in train_set]
+            nll, r_bce, d_bce, _ = m_losses(model, batch)
+            opt.zero_grad()
+            (nll + r_bce + d_bce).backward()
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            step += 1
+            tot += np.array([nll.item(), r_bce.item(), d_bce.item()])
+        epoch += 1
+        nb = math.ceil(len(perm) / cfg.batch_size)
+        row = dict(epoch=epoch, step=step, nll=tot[0] / nb, reward_bce=tot[1] / nb, done_bce=tot[2] / nb,
+                   **test_metrics(model, test_set), steps_per_s=float(train_set[5].sum()) / (time.time() - t0))
+        print("M " + " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+        save_atomic(dict(model=model.state_dict(), optimizer=opt.state_dict(), config=dataclasses.asdict(cfg),
+                         z_dim=z_dim, epoch=epoch, step=step), cfg.out)
+        with open(log, "a") as f:
+            f.write(json.dumps(row) + "\n")
+    return model
+
+
+def load_mdnrnn(path):
+    """Rebuild M from its checkpoint alone."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    model = MDNRNN(ckpt["z_dim"], ckpt["config"]["hidden"], ckpt["config"]["gaussians"])
+    model.load_state_dict({k: v.float() for k, v in ckpt["model"].items()})
+    return model.eval()
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(os.cpu_count() or 1)
+    train(cli(MDNConfig))
