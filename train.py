@@ -1,0 +1,113 @@
+"""The whole World Models pipeline in one command (Ha & Schmidhuber 2018, section 3's recipe):
+collect random rollouts -> train V -> encode them and train M -> evolve C with CMA-ES, then
+test the agent on held-out levels next to the random and always-UP baselines.
+
+    python train.py                                   # default preset, easy mode, runs/easy-default
+    python train.py --preset tiny --out /tmp/tiny     # the whole pipeline in a few minutes
+    python train.py --distribution-mode hard --preset paper
+
+Everything goes into one run dir. A stage whose output is complete is skipped, an unfinished one
+resumes, so running the same command again after an interruption continues where it stopped.
+"""
+import argparse
+import dataclasses
+import json
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+import collect
+import controller
+import evaluate
+import mdnrnn
+import vae
+
+
+@dataclass
+class TrainConfig:
+    out: str = ""  # run dir (default: runs/<distribution-mode>-<preset>)
+    preset: str = "default"  # tiny (minutes), default (<= 30 min on 2 cores) or paper (the seed's sizes)
+    distribution_mode: str = "easy"  # procgen difficulty: easy or hard (the seed report used hard)
+    seed: int = 0  # one seed for every stage
+    episodes: int = 2000  # random rollouts collected for V and M
+    up_prob: float = 0.4  # collection policy: probability that a new random action is UP
+    z_dim: int = 32  # V's latent size
+    vae_epochs: int = 4  # passes of V over the frames
+    fg_weight: float = 10.0  # V's extra weight on pixels that move (frog, cars, logs)
+    kl_tolerance: float = 0.5  # V's free bits per latent dim
+    hidden: int = 256  # M's LSTM units
+    gaussians: int = 5  # M's mixture components per latent dim
+    mdn_epochs: int = 10  # passes of M over the sequences
+    generations: int = 40  # CMA-ES generations
+    popsize: int = 32  # CMA-ES candidates per generation
+    levels: int = 16  # episodes per candidate per generation (common levels)
+    max_steps: int = 250  # fitness episodes stop here (the held-out test plays the game's full 500)
+    sigma0: float = 0.5  # CMA-ES initial step size
+    inputs: str = "zh"  # controller inputs: z, zh or zhc
+    eval_every: int = 5  # generations between re-tests of the CMA mean and best
+    eval_levels: int = 64  # levels of those re-tests
+    workers: int = 0  # rollout processes (0 = one per core)
+    eval_episodes: int = 1000  # held-out episodes of the final summary (0 = skip it)
+
+
+PRESETS = {
+    "tiny": dict(episodes=64, z_dim=8, vae_epochs=1, hidden=32, gaussians=2, mdn_epochs=2, generations=2, popsize=4,
+                 levels=2, eval_every=1, eval_levels=4, eval_episodes=64),
+    "default": {},
+    "paper": dict(episodes=10000, z_dim=512, vae_epochs=10, hidden=1024, gaussians=16, mdn_epochs=45,
+                  generations=100, popsize=30, levels=30),
+}
+
+
+def parse_args(argv=None):
+    """--preset picks the defaults; every other flag overrides one field of the preset."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset", default=TrainConfig.preset, choices=sorted(PRESETS))
+    preset = pre.parse_known_args(argv)[0].preset
+    cfg = collect.cli(TrainConfig, argv, defaults=TrainConfig(preset=preset, **PRESETS[preset]))
+    return dataclasses.replace(cfg, out=cfg.out or os.path.join("runs", f"{cfg.distribution_mode}-{cfg.preset}"))
+
+
+def run(cfg):
+    t0 = time.time()
+    os.makedirs(cfg.out, exist_ok=True)
+    path = lambda name: os.path.join(cfg.out, name)
+    with open(path("train_config.json"), "w") as f:
+        json.dump(dataclasses.asdict(cfg), f, indent=1)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    print(f"run dir {cfg.out}, preset {cfg.preset}, {cfg.distribution_mode} mode, V and M on {device}")
+
+    print("== 1/4 collect random rollouts")
+    c = collect.collect(collect.CollectConfig(out=path("data"), episodes=cfg.episodes, seed=cfg.seed,
+                                              distribution_mode=cfg.distribution_mode, up_prob=cfg.up_prob))
+    print("== 2/4 train V")
+    vae.train(vae.VAEConfig(data=path("data"), out=path("vae.pt"), z_dim=cfg.z_dim, epochs=cfg.vae_epochs,
+                            fg_weight=cfg.fg_weight, kl_tolerance=cfg.kl_tolerance, seed=cfg.seed, resume=True))
+    print("== 3/4 encode and train M")
+    mdnrnn.train(mdnrnn.MDNConfig(data=path("data"), vae=path("vae.pt"), out=path("mdnrnn.pt"), hidden=cfg.hidden,
+                                  gaussians=cfg.gaussians, epochs=cfg.mdn_epochs, seed=cfg.seed, resume=True))
+    print("== 4/4 evolve C")
+    ccfg = controller.CConfig(vae=path("vae.pt"), mdnrnn=path("mdnrnn.pt"), out=path("controller.pt"),
+                              distribution_mode=cfg.distribution_mode, generations=cfg.generations,
+                              popsize=cfg.popsize, levels=cfg.levels, max_steps=cfg.max_steps, sigma0=cfg.sigma0, inputs=cfg.inputs,
+                              eval_every=cfg.eval_every, eval_levels=cfg.eval_levels, workers=cfg.workers,
+                              seed=cfg.seed, resume=True)
+    controller.train(ccfg)
+    c_steps = torch.load(path("controller.pt"), weights_only=True)["env_steps"]
+    # Collection steps of this invocation only; a resumed run re-counts nothing it skipped.
+    summary = dict(run=cfg.out, minutes=(time.time() - t0) / 60, collect_env_steps=c["env_steps"],
+                   controller_env_steps=int(c_steps))
+    print(f"trained in {summary['minutes']:.1f} min; real env steps: collection {c['env_steps']:,} "
+          f"+ fitness rollouts {int(c_steps):,}")
+    if cfg.eval_episodes:
+        print(f"== held-out test: {cfg.eval_episodes} episodes on levels training never used")
+        summary["test"] = evaluate.main(evaluate.EvalConfig(run=cfg.out, episodes=cfg.eval_episodes))
+    with open(path("summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    return summary
+
+
+if __name__ == "__main__":
+    run(parse_args())
