@@ -1,0 +1,299 @@
+"""Evaluation of a trained World Models agent (V + M + C) on procgen leaper: its win rate on held-out
+levels beside a random and an always-UP baseline (World Models, section 3.3: the agent's score over
+many trials of the real environment), and pictures of what V sees and what M dreams (sections 3.1
+and 3.4: reconstructions, and a rollout imagined by M at temperature tau).
+
+Every policy plays the same levels: one procgen env per episode, each counting only its first
+episode, whose level is fixed by --seed (the default differs from every training stream).
+
+    python evaluate.py --run runs --episodes 1000 --json true --pictures true
+"""
+import json
+import math
+import os
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from collect import ACTION_NAMES, ACTIONS, MAX_STEPS, UP, cli, fail, make_env
+from controller import NONE, agent_step, features
+from mdnrnn import load_mdnrnn, sample_next
+from vae import encode, load_vae, reconstruction_grid, to_input
+
+WIN = 10.0  # leaper pays 10 for reaching the finish line and nothing else
+ID_NAMES = dict(zip(ACTIONS.tolist(), ACTION_NAMES))  # procgen action id -> name
+
+
+@dataclass
+class EvalConfig:
+    run: str = "runs"  # directory holding vae.pt, mdnrnn.pt and controller.pt; pictures go here too
+    episodes: int = 1000  # test episodes per policy, each on its own level
+    seed: int = 1_000_003  # level stream of the test: differs from every training seed
+    distribution_mode: str = ""  # easy or hard (empty: the mode the controller was trained on)
+    json: bool = False  # print one JSON object with all the numbers as the last line of stdout
+    pictures: bool = True  # write agent.gif, reconstructions.png, dream.gif and curves.png into --run
+    gif_episodes: int = 4  # episodes played by the agent in agent.gif
+    tau: float = 1.15  # temperature of M's dream in dream.gif (Ha: 1.15)
+
+
+class Agent:
+    """V -> C -> M as one policy over a batch of procgen envs (the interface play() expects)."""
+
+    def __init__(self, vae, mdn, params, inputs, distribution_mode):
+        self.vae, self.mdn, self.inputs, self.distribution_mode = vae, mdn, inputs, distribution_mode
+        self.weights = params.float().view(len(ACTIONS), -1)  # (5,D+1), bias last
+        self.state = None
+
+    def reset(self, num_envs):
+        H = self.mdn.hidden
+        self.state = (torch.zeros(1, num_envs, H), torch.zeros(1, num_envs, H))  # (h, c), each (1,N,H)
+
+    def act(self, obs, first, alive=None):
+        """obs uint8 (N,64,64,3), first bool (N,): a new episode starts (its memory is zeroed),
+        alive bool (N,): only these envs are computed, the others get NONE. -> procgen ids (N,)."""
+        n = len(obs)
+        if self.state is None or self.state[0].shape[1] != n:
+            self.reset(n)
+        h, c = self.state
+        reset = torch.as_tensor(np.asarray(first, dtype=bool))
+        h[:, reset], c[:, reset] = 0.0, 0.0
+        idx = np.flatnonzero(np.ones(n, dtype=bool) if alive is None else alive)
+        actions = np.full(n, ACTIONS[NONE])
+        if len(idx):
+            weights = self.weights.expand(len(idx), -1, -1)  # (n,5,D+1): the one controller, per env
+            a, (h_new, c_new) = agent_step(self.vae, self.mdn, weights, obs[idx], (h[:, idx], c[:, idx]), self.inputs)
+            h[:, idx], c[:, idx] = h_new, c_new
+            actions[idx] = ACTIONS[a.numpy()]
+        return actions
+
+
+def load_agent(run_dir):
+    """The agent of a run dir: run_dir/vae.pt, mdnrnn.pt and controller.pt (checked to fit together)."""
+    paths = {name: os.path.join(run_dir, name + ".pt") for name in ("vae", "mdnrnn", "controller")}
+    for name, path in paths.items():
+        if not os.path.exists(path):
+            fail(f"--run {run_dir}: no {name}.pt in it (train it with {name}.py, --out {path})")
+    vae, mdn = load_vae(paths["vae"]), load_mdnrnn(paths["mdnrnn"])
+    ckpt = torch.load(paths["controller"], map_location="cpu", weights_only=True)
+    inputs = ckpt["config"]["inputs"]
+    D = vae.z_dim + mdn.hidden * (len(inputs) - 1)
+    if (ckpt["z_dim"], ckpt["hidden"]) != (vae.z_dim, mdn.hidden) or ckpt["params"].numel() != len(ACTIONS) * (D + 1):
+        fail(f"{paths['controller']}: trained for z_dim {ckpt['z_dim']}, hidden {ckpt['hidden']}, but "
+             f"{paths['vae']} has z_dim {vae.z_dim} and {paths['mdnrnn']} hidden {mdn.hidden}")
+    return Agent(vae, mdn, ckpt["params"], inputs, ckpt["config"]["distribution_mode"])
+
+
+def random_policy(seed):
+    """Baseline: each step, each env plays one of the 5 actions uniformly (seeded numpy rng)."""
+    rng = np.random.default_rng(seed)
+    return SimpleNamespace(reset=lambda num_envs: None,
+                           act=lambda obs, first, alive=None: ACTIONS[rng.integers(len(ACTIONS), size=len(obs))])
+
+
+def always_up():
+    """Baseline: hop forward every step."""
+    return SimpleNamespace(reset=lambda num_envs: None,
+                           act=lambda obs, first, alive=None: np.full(len(obs), ACTIONS[UP]))
+
+
+def play(policy, episodes, seed, distribution_mode, record=False, desc="play"):
+    """One episode per env of one seeded ProcgenGym3Env: env i's level depends only on (seed, i),
+    so every policy meets the same levels. Returns returns (E,) and lengths (E,); with record also
+    per episode dict(obs uint8 (T,64,64,3), action procgen ids (T,))."""
+    env = make_env(episodes, distribution_mode, seed=seed)
+    policy.reset(episodes)
+    _, obs, first = env.observe()  # first: all True
+    alive, returns, lengths = np.ones(episodes, dtype=bool), np.zeros(episodes), np.zeros(episodes, dtype=np.int64)
+    frames = [dict(obs=[], action=[]) for _ in range(episodes if record else 0)]
+    for _ in tqdm(range(MAX_STEPS), desc=desc, unit="step", leave=False):
+        actions = policy.act(obs["rgb"], first, alive)  # (E,) procgen ids
+        for i in np.flatnonzero(alive) if record else ():
+            frames[i]["obs"].append(obs["rgb"][i])
+            frames[i]["action"].append(actions[i])
+        env.act(actions)
+        rew, obs, first = env.observe()
+        returns[alive] += rew[alive]
+        lengths[alive] += 1
+        # CRUCIAL: procgen auto-resets. When first[i] is set, rew[i] was the last reward of env i's
+        # episode and obs[i] is already a new level: env i is done counting.
+        alive &= ~first
+        if not alive.any():
+            break
+    if record:
+        return returns, lengths, [dict(obs=np.stack(f["obs"]), action=np.array(f["action"])) for f in frames]
+    return returns, lengths
+
+
+def wilson(k, n, z=1.96):
+    """95% Wilson score interval of a proportion k/n (sound at 0% and 100%, unlike p +- 2 std)."""
+    if n == 0:
+        return [0.0, 1.0]
+    p, d = k / n, 1 + z * z / n
+    center, half = (p + z * z / (2 * n)) / d, z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return [max(0.0, center - half), min(1.0, center + half)]
+
+
+def summarize(returns, lengths):
+    """Win rate (a win = reaching the finish: return 10) with its 95% interval, mean return and length."""
+    returns, wins = np.asarray(returns, dtype=np.float64), int((np.asarray(returns) >= WIN).sum())
+    return dict(win_rate=wins / max(len(returns), 1), wins=wins, episodes=len(returns), ci95=wilson(wins, len(returns)),
+                mean_return=float(returns.mean()), mean_length=float(np.mean(lengths)))
+
+
+def upscale(img, k=4):
+    return img.repeat(k, 0).repeat(k, 1)  # nearest neighbour: (H,W,3) -> (kH,kW,3)
+
+
+def caption(img, text, height=16):
+    """img uint8 (H,W,3) with a black strip above it holding text: (H+height,W,3)."""
+    from PIL import Image, ImageDraw
+    canvas = Image.new("RGB", (img.shape[1], img.shape[0] + height))
+    canvas.paste(Image.fromarray(img), (0, height))
+    ImageDraw.Draw(canvas).text((4, 2), text, fill=(255, 255, 255))
+    return np.asarray(canvas)
+
+
+@torch.no_grad()
+def decode(vae, z):
+    """z (N,Z) -> V's frames, uint8 (N,64,64,3)."""
+    return (vae.decode(z).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)  # (N,3,64,64) -> (N,64,64,3)
+
+
+def save_gif(path, frames, duration):
+    """frames uint8 (H,W,3) each, duration ms per frame. One shared 64-colour palette without
+    dithering keeps still pixels still between frames: ~10x smaller than a palette per frame."""
+    import imageio.v2 as imageio
+    from PIL import Image
+    sample = np.concatenate(frames[::max(len(frames) // 16, 1)], 0)  # (k*H,W,3)
+    palette = Image.fromarray(sample).quantize(64, dither=Image.Dither.NONE)
+    quantize = lambda f: np.asarray(Image.fromarray(f).quantize(palette=palette, dither=Image.Dither.NONE).convert("RGB"))
+    imageio.mimsave(path, [quantize(f) for f in frames], duration=duration, loop=0)
+
+
+def agent_gif(agent, recorded, path):
+    """Each frame: the real frame | V's reconstruction, x4, with the action the agent chose."""
+    gif = []
+    for k, ep in enumerate(tqdm(recorded, desc="agent.gif", unit="ep")):
+        recon = decode(agent.vae, torch.from_numpy(encode(agent.vae, ep["obs"])[0]))  # from mu
+        pairs = np.concatenate([ep["obs"], recon], 2)  # (T,64,128,3)
+        for t, (img, a) in enumerate(zip(pairs, ep["action"])):
+            gif.append(caption(upscale(img), f"episode {k + 1}  t={t}  {ID_NAMES[int(a)]}   real | V"))
+    save_gif(path, gif, duration=50)
+
+
+def reconstructions_png(agent, recorded, path):
+    """8 frames spread over the agent's play (top) and V's reconstructions (bottom), x2."""
+    import imageio.v2 as imageio
+    frames = np.concatenate([ep["obs"] for ep in recorded])  # (N,64,64,3)
+    imageio.imwrite(path, upscale(reconstruction_grid(agent.vae, frames[np.linspace(0, len(frames) - 1, 8).astype(int)]), 2))
+
+
+@torch.no_grad()
+def controller_action(weights, z, state, inputs):
+    """C on M's own z (in a dream there is no frame for V to encode): weights (5,D+1) -> (n,) indices."""
+    return (features(z, state, inputs) @ weights[:, :-1].T + weights[:, -1]).argmax(-1)  # (n,5) scores
+
+
+@torch.no_grad()
+def dream(agent, frame, steps=60, tau=1.15, seed=0):
+    """M imagines a rollout from one real frame, C choosing the actions. Returns decoded frames
+    uint8 (T+1,64,64,3), action indices (T,), the sampled win flags (T,) and whether M said done."""
+    torch.manual_seed(seed)
+    z = agent.vae.encode(to_input(frame[None]))[0]  # (1,Z)
+    state = (torch.zeros(1, 1, agent.mdn.hidden), torch.zeros(1, 1, agent.mdn.hidden))
+    zs, actions, wins = [z], [], []
+    for _ in range(steps):
+        a = controller_action(agent.weights, z, state, agent.inputs)  # (1,)
+        mix, r_logit, d_logit, state = agent.mdn.step(z, a, state)
+        z, win, done = sample_next(*mix, r_logit, d_logit, tau)
+        zs, actions, wins = zs + [z], actions + [int(a)], wins + [bool(win)]
+        if done.item():
+            break
+    return decode(agent.vae, torch.cat(zs)), np.array(actions), np.array(wins), bool(done.item())  # (T+1,Z) zs
+
+
+def dream_gif(agent, frame, tau, path):
+    frames, actions, wins, done = dream(agent, frame, tau=tau)
+    text = lambda t: (f"start | dream tau={tau} t={t}" + (f" {ACTION_NAMES[actions[t]]}" if t < len(actions) else "")
+                      + (" WIN" if t and wins[t - 1] else "") + (" done" if done and t == len(actions) else ""))
+    gif = [caption(upscale(np.concatenate([frame, img], 1)), text(t)) for t, img in enumerate(frames)]  # (64,128,3)
+    save_gif(path, gif + gif[-1:] * 10, duration=100)  # hold the last frame a second
+
+
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def curves_png(run_dir, path):
+    """Learning curves of V, M and C from their .jsonl logs; a missing log is skipped."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    panels = [("vae", "epoch", ["loss", "recon", "test_sq_err"], ["kl"], "V: summed squared error / KL"),
+              ("mdnrnn", "epoch", ["nll", "test_nll"], ["reward_bce", "done_bce"], "M: z NLL / reward, done BCE"),
+              ("controller", "generation", ["best", "mean", "val_mean"], [], "C: return (CMA-ES)")]
+    logs = {name: os.path.join(run_dir, name + ".jsonl") for name, *_ in panels}
+    panels = [(read_jsonl(logs[name]), *rest) for name, *rest in panels if os.path.exists(logs[name])]
+    if not panels:
+        return False
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
+    for ax, (rows, x, left, right, title) in zip(axes[0], panels):
+        for axis, keys, style in ((ax, left, "-"), (ax.twinx() if right else None, right, "--")):
+            for k in keys:
+                pts = [(r[x], r[k]) for r in rows if k in r]
+                if pts:
+                    axis.plot(*zip(*pts), style, marker=".", label=k)
+            if axis is not None:
+                axis.legend(loc="upper right" if axis is ax else "center right", fontsize=8)
+        ax.set_xlabel(x)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def pictures(agent, cfg, mode):
+    """agent.gif, reconstructions.png, dream.gif and curves.png in the run dir; returns their paths."""
+    path = lambda name: os.path.join(cfg.run, name)
+    recorded = play(agent, max(cfg.gif_episodes, 1), cfg.seed, mode, record=True, desc="record")[2]  # first levels
+    if cfg.gif_episodes > 0:
+        agent_gif(agent, recorded, path("agent.gif"))
+    reconstructions_png(agent, recorded, path("reconstructions.png"))
+    dream_gif(agent, recorded[0]["obs"][0], cfg.tau, path("dream.gif"))
+    curves = curves_png(cfg.run, path("curves.png"))  # False when the run has no logs
+    return [path(n) for n in ("agent.gif",) * (cfg.gif_episodes > 0) + ("reconstructions.png", "dream.gif")
+            + ("curves.png",) * curves]
+
+
+def main(cfg):
+    if cfg.episodes < 1 or cfg.gif_episodes < 0:
+        fail("--episodes must be at least 1 and --gif-episodes at least 0")
+    agent = load_agent(cfg.run)
+    mode = cfg.distribution_mode or agent.distribution_mode
+    if mode not in ("easy", "hard"):
+        fail(f"--distribution-mode {mode!r}: expected easy or hard")
+    results = {name: summarize(*play(policy, cfg.episodes, cfg.seed, mode, desc=name)) for name, policy in
+               (("agent", agent), ("random", random_policy(cfg.seed)), ("always_up", always_up()))}
+    print(f"{cfg.run}: {cfg.episodes} {mode} levels of seed {cfg.seed} per policy")
+    print(f"{'policy':<10} {'win rate':>8}  {'95% CI':<16} {'mean return':>11} {'mean length':>11}")
+    for name, r in results.items():
+        ci = "[{:.1%}, {:.1%}]".format(*r["ci95"])
+        print(f"{name:<10} {r['win_rate']:>8.1%}  {ci:<16} {r['mean_return']:>11.3f} {r['mean_length']:>11.1f}")
+    if cfg.pictures:
+        for path in pictures(agent, cfg, mode):
+            print(f"wrote {path}")
+    if cfg.json:
+        baselines = {k: v for k, v in results.items() if k != "agent"}
+        print(json.dumps(dict(**results["agent"], distribution_mode=mode, seed=cfg.seed, run=cfg.run, baselines=baselines)))
+    return results
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(os.cpu_count() or 1)
+    main(cli(EvalConfig))
