@@ -1,0 +1,455 @@
+"""Tests of every stage, on CPU, in a few minutes:  python -m pytest -q test_all.py"""
+import glob
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import cma
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import collect
+import controller
+import evaluate
+import mdnrnn
+import vae
+from collect import CollectConfig
+from controller import CConfig
+from mdnrnn import MDNConfig
+from vae import VAEConfig
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+torch.set_num_threads(2)
+
+
+def collect_quiet(out, **kw):
+    return collect.collect(CollectConfig(out=str(out), **{"episodes": 12, "num_envs": 4, **kw}))
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A whole (badly trained) V, M and C in a run dir, made in well under a minute."""
+    run = tmp_path_factory.mktemp("run")
+    collect_quiet(run / "data", episodes=24, num_envs=8)
+    vae.train(VAEConfig(data=str(run / "data"), out=str(run / "vae.pt"), z_dim=8, epochs=1, batch_size=64))
+    mdnrnn.train(MDNConfig(data=str(run / "data"), vae=str(run / "vae.pt"), out=str(run / "mdnrnn.pt"),
+                           hidden=16, gaussians=2, epochs=1))
+    controller.train(CConfig(vae=str(run / "vae.pt"), mdnrnn=str(run / "mdnrnn.pt"), out=str(run / "controller.pt"),
+                             generations=1, popsize=4, levels=2, eval_every=1, eval_levels=2, workers=1))
+    return run
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, *args], cwd=HERE, capture_output=True, text=True, timeout=600)
+
+
+# ---------------------------------------------------------------- collect.py
+
+def test_collected_episodes_are_consistent(tmp_path):
+    stats = collect_quiet(tmp_path)
+    files = sorted(glob.glob(str(tmp_path / "episode_*.npz")))
+    assert len(files) == 12 and stats["episodes"] == 12
+    total = 0
+    for f in files:
+        ep = collect.load_episode(f)
+        T = len(ep["action"])
+        total += T
+        assert ep["obs"].shape == (T, 64, 64, 3) and ep["obs"].dtype == np.uint8
+        assert ep["done"][-1] and not ep["done"][:-1].any()  # done exactly at the end
+        assert set(np.unique(ep["action"])) <= set(range(5))
+        assert set(np.unique(ep["reward"])) <= {0.0, 10.0} and not ep["reward"][:-1].any()  # reward only at the end
+        assert T <= collect.MAX_STEPS
+        # consecutive frames of one episode differ little; the next level's first frame would not be here
+    assert total == stats["frames"]
+
+
+def test_same_seed_same_episodes_and_resume_keeps_files(tmp_path):
+    collect_quiet(tmp_path / "a", seed=3)
+    collect_quiet(tmp_path / "b", seed=3, episodes=6)
+    first = tmp_path / "b" / "episode_000002.npz"
+    mtime = os.path.getmtime(first)
+    os.remove(tmp_path / "b" / "episode_000004.npz")
+    again = collect_quiet(tmp_path / "b", seed=3)  # resume: fills 4 and 6..11, never rewrites the others
+    assert again["episodes"] == 7 and os.path.getmtime(first) == mtime
+    for fa in sorted(glob.glob(str(tmp_path / "a" / "*.npz"))):
+        a, b = collect.load_episode(fa), collect.load_episode(str(tmp_path / "b" / os.path.basename(fa)))
+        for k in a:
+            assert np.array_equal(a[k], b[k]), (fa, k)
+    c = collect_quiet(tmp_path / "c", seed=4, episodes=2)
+    assert c["frames"] > 0
+    assert not np.array_equal(collect.load_episode(str(tmp_path / "c" / "episode_000000.npz"))["obs"][0],
+                              collect.load_episode(str(tmp_path / "a" / "episode_000000.npz"))["obs"][0])
+
+
+def test_biased_policy_prefers_up():
+    act = collect.random_policy(np.random.default_rng(0), 1000, up_prob=0.6, max_repeat=1)
+    a = np.concatenate([act() for _ in range(20)])
+    assert abs((a == collect.UP).mean() - 0.6) < 0.02
+    assert collect.ACTIONS[collect.UP] == 5 and collect.ACTION_NAMES[collect.UP] == "UP"
+
+
+@pytest.mark.parametrize("bad", ["truncated", "empty_dir", "no_dir"])
+def test_bad_data_gives_one_clear_error(tmp_path, bad, tiny_run):
+    data = tmp_path / "data"
+    if bad != "no_dir":
+        data.mkdir()
+    if bad == "truncated":
+        collect_quiet(tmp_path / "good", episodes=1, num_envs=1)
+        blob = (tmp_path / "good" / "episode_000000.npz").read_bytes()
+        (data / "episode_000000.npz").write_bytes(blob[: len(blob) // 2])
+    for cmd in (["vae.py", "--data", str(data), "--out", str(tmp_path / "v.pt")],
+                ["mdnrnn.py", "--data", str(data), "--vae", str(tiny_run / "vae.pt"), "--out", str(tmp_path / "m.pt")]):
+        r = run_cli(*cmd)
+        assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+        err = r.stderr.strip().splitlines()[-1]
+        assert err.startswith("error:") and ("episode_000000.npz" in err if bad == "truncated" else str(data) in err), err
+
+
+# ---------------------------------------------------------------- vae.py
+
+def test_vae_shapes_and_range():
+    m = vae.ConvVAE(16)
+    x = torch.rand(5, 3, 64, 64)
+    recon, mu, logvar = m(x)
+    assert recon.shape == (5, 3, 64, 64) and mu.shape == logvar.shape == (5, 16)
+    assert 0 <= recon.min() and recon.max() <= 1
+    mu2, _ = vae.encode(m.eval(), np.zeros((3, 64, 64, 3), np.uint8), batch_size=2)
+    assert mu2.shape == (3, 16)
+
+
+def test_kl_matches_torch_distributions():
+    mu, logvar = torch.randn(7, 5), torch.randn(7, 5)
+    q = torch.distributions.Normal(mu, (0.5 * logvar).exp())
+    p = torch.distributions.Normal(torch.zeros(5), torch.ones(5))
+    assert torch.allclose(vae.kl_divergence(mu, logvar), torch.distributions.kl_divergence(q, p), atol=1e-5)
+
+
+def test_vae_loss_is_summed_per_frame_and_averaged_over_batch():
+    x, r = torch.rand(4, 3, 64, 64), torch.rand(4, 3, 64, 64)
+    mu, logvar, w = torch.randn(4, 6), torch.randn(4, 6), torch.ones(4, 1, 64, 64)
+    loss, rec, kl = vae.vae_loss(x, r, mu, logvar, w, beta=1.0, kl_tolerance=0.0)
+    brute = sum(((x[i] - r[i]) ** 2).sum() for i in range(4)) / 4
+    assert torch.isclose(rec, brute, rtol=1e-5) and torch.isclose(loss, rec + kl, rtol=1e-5)
+    w2 = w.clone()
+    w2[:, :, :10] = 3.0  # weighted pixels count three times
+    _, rec2, _ = vae.vae_loss(x, r, mu, logvar, w2, 1.0, 0.0)
+    assert torch.isclose(rec2, rec + 2 * ((x - r) ** 2)[:, :, :10].sum() / 4, rtol=1e-5)
+    big = vae.vae_loss(x, r, mu * 0, logvar * 0, w, 1.0, kl_tolerance=0.5)[0]  # KL = 0 < floor of 3 nats
+    assert torch.isclose(big, rec + 3.0, rtol=1e-5)
+
+
+def test_tiny_vae_overfits_a_few_frames(tmp_path):
+    collect_quiet(tmp_path, episodes=1, num_envs=1)
+    frames = collect.load_episode(str(tmp_path / "episode_000000.npz"))["obs"][:8]
+    torch.manual_seed(0)
+    m = vae.ConvVAE(8)
+    opt = torch.optim.Adam(m.parameters(), lr=2e-3)
+    x, w = vae.to_input(frames), torch.ones(len(frames), 1, 64, 64)
+    losses = []
+    for _ in range(150):
+        loss = vae.vae_loss(x, *m(x), w, beta=0.1, kl_tolerance=0.5)[0]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.2 * losses[0], (losses[0], losses[-1])
+
+
+def test_vae_checkpoint_roundtrip_resume_and_no_overwrite(tiny_run):
+    m = vae.load_vae(str(tiny_run / "vae.pt"))
+    ckpt = torch.load(tiny_run / "vae.pt", weights_only=True)
+    assert ckpt["config"]["z_dim"] == 8 and ckpt["epoch"] == 1 and "optimizer" in ckpt
+    again = vae.ConvVAE(8).eval()
+    again.load_state_dict(ckpt["model"])
+    x = torch.rand(3, 3, 64, 64)
+    assert torch.equal(m.decode(m.encode(x)[0]), again.decode(again.encode(x)[0]))
+    assert os.path.exists(tiny_run / "vae.png") and os.path.exists(tiny_run / "vae.jsonl")
+    r = run_cli("vae.py", "--data", str(tiny_run / "data"), "--out", str(tiny_run / "vae.pt"))
+    assert r.returncode != 0 and "exists" in r.stderr and torch.load(tiny_run / "vae.pt", weights_only=True)["epoch"] == 1
+
+
+def test_vae_resume_continues_training(tmp_path):
+    collect_quiet(tmp_path / "d", episodes=4, num_envs=4)
+    cfg = VAEConfig(data=str(tmp_path / "d"), out=str(tmp_path / "v.pt"), z_dim=4, epochs=1, batch_size=64, holdout=0)
+    vae.train(cfg)
+    vae.train(VAEConfig(**{**cfg.__dict__, "epochs": 2, "resume": True}))
+    ckpt = torch.load(tmp_path / "v.pt", weights_only=True)
+    assert ckpt["epoch"] == 2 and ckpt["step"] == 2 * math.ceil(ckpt["step"] / 2)
+    assert len(open(tmp_path / "v.jsonl").read().splitlines()) == 2
+
+
+# ---------------------------------------------------------------- mdnrnn.py
+
+def test_mdn_nll_matches_torch_distributions():
+    B, T, Z, K = 3, 4, 5, 6
+    logit_pi, mu, log_sigma, target = torch.randn(B, T, Z, K), torch.randn(B, T, Z, K), torch.randn(B, T, Z, K) * 0.5, torch.randn(B, T, Z)
+    mix = torch.distributions.MixtureSameFamily(torch.distributions.Categorical(logits=logit_pi),
+                                                torch.distributions.Normal(mu, log_sigma.exp()))
+    reference = -torch.distributions.Independent(mix, 1).log_prob(target)  # (B,T): summed over Z
+    assert torch.allclose(mdnrnn.mdn_nll(logit_pi, mu, log_sigma, target), reference, atol=1e-4)
+
+
+def synthetic_batch(B=16, L=10, Z=3, pad=0, seed=0):
+    """Sequences where z_{t+1} = 0.9 roll(z_t) + an action-dependent shift, done when action == 4, win
+    when action == 3, in m_losses' batch layout; `pad` extra masked steps at the end."""
+    g = torch.Generator().manual_seed(seed)
+    action = torch.randint(0, 5, (B, L + pad), generator=g)
+    z = [torch.randn(B, Z, generator=g)]
+    for t in range(L + pad):
+        z.append(0.9 * z[-1].roll(1, -1) + 0.3 * (action[:, t:t + 1] - 2).float())
+    mu = torch.stack(z, 1)  # (B,L+pad+1,Z)
+    step = (torch.arange(L + pad) < L).float().expand(B, -1).clone()
+    return [mu, torch.full_like(mu, -20.0), action, (action == 3).float(), (action == 4).float(), step, step.clone()]
+
+
+def test_padding_does_not_change_the_loss():
+    torch.manual_seed(0)
+    m = mdnrnn.MDNRNN(3, 16, 2)
+    a = synthetic_batch()
+    b = synthetic_batch(pad=5)  # 5 extra steps, masked out
+    for x, y in zip(a, b):
+        y[:, :x.shape[1]] = x  # the same real steps as a
+    b[0][:, 11:] = 99.0  # garbage in the padded frames must not matter
+    b[2][:, 10:] = 4
+    la = [x.item() for x in mdnrnn.m_losses(m, a, sample=False)[:3]]
+    lb = [x.item() for x in mdnrnn.m_losses(m, b, sample=False)[:3]]
+    assert np.allclose(la, lb, rtol=1e-5), (la, lb)
+
+
+def test_tiny_m_learns_dynamics_and_heads():
+    torch.manual_seed(0)
+    m = mdnrnn.MDNRNN(3, 32, 2)
+    opt = torch.optim.Adam(m.parameters(), lr=1e-2)
+    batch = synthetic_batch(B=64)
+    start = [x.item() for x in mdnrnn.m_losses(m, batch)[:3]]
+    for _ in range(300):
+        nll, r, d, _ = mdnrnn.m_losses(m, batch)
+        opt.zero_grad()
+        (nll + r + d).backward()
+        opt.step()
+    nll, r, d, d_logit = mdnrnn.m_losses(m, synthetic_batch(B=64, seed=1), sample=False)  # new sequences
+    assert nll.item() < start[0] - 8 and nll.item() < 0  # sharp density: a negative NLL is normal
+    assert r.item() < 0.3 and d.item() < 0.3, (r.item(), d.item())  # from ~0.69 = a coin flip
+    assert ((d_logit > 0).float() == synthetic_batch(B=64, seed=1)[4]).float().mean() > 0.9  # base rate 0.8
+    # the mean of the most likely component predicts z_{t+1}
+    test = synthetic_batch(B=8, seed=2)
+    (logit_pi, mu, _), _, _, _ = m(test[0][:, :-1], test[2])
+    best = mu.gather(-1, logit_pi.argmax(-1, keepdim=True)).squeeze(-1)  # (B,L,Z)
+    err = (best - test[0][:, 1:]).abs().mean()
+    assert err < 0.1 and err < 0.2 * (test[0][:, :-1] - test[0][:, 1:]).abs().mean()  # far better than "z stays"
+
+
+def test_tau_to_zero_samples_the_most_likely_mean():
+    logit_pi, mu, log_sigma = torch.randn(4, 1, 3, 5), torch.randn(4, 1, 3, 5), torch.zeros(4, 1, 3, 5)
+    z, win, done = mdnrnn.sample_next(logit_pi, mu, log_sigma, torch.zeros(4, 1), torch.full((4, 1), -50.0), tau=1e-8)
+    expected = mu.gather(-1, logit_pi.argmax(-1, keepdim=True)).squeeze(-1)[:, 0]  # (4,3)
+    assert torch.allclose(z, expected, atol=1e-3) and not done.any()
+    z1 = mdnrnn.sample_next(logit_pi, mu, log_sigma, torch.zeros(4, 1), torch.zeros(4, 1), tau=1.0)[0]
+    assert z1.shape == (4, 3) and not torch.allclose(z1, expected, atol=1e-3)
+
+
+def test_stepping_equals_the_whole_sequence():
+    torch.manual_seed(0)
+    m = mdnrnn.MDNRNN(4, 8, 3).eval()
+    z, a = torch.randn(2, 6, 4), torch.randint(0, 5, (2, 6))
+    whole, _, _, (h, c) = m(z, a)
+    state = None
+    for t in range(6):
+        one, _, _, state = m.step(z[:, t], a[:, t], state)
+        assert torch.allclose(one[1][:, 0], whole[1][:, t], atol=1e-6)
+        assert torch.equal(m.advance(z[:, t], a[:, t], None if t == 0 else prev)[0], state[0]) if t else True
+        prev = state
+    assert torch.allclose(state[0], h, atol=1e-6) and torch.allclose(state[1], c, atol=1e-6)
+
+
+def test_m_trains_on_encoded_episodes(tiny_run):
+    ckpt = torch.load(tiny_run / "mdnrnn.pt", weights_only=True)
+    assert ckpt["z_dim"] == 8 and ckpt["config"]["hidden"] == 16 and ckpt["epoch"] == 1
+    lat = sorted(glob.glob(str(tiny_run / "latents" / "*.npz")))
+    assert len(lat) == 24
+    with np.load(lat[0]) as d:
+        ep = collect.load_episode(str(tiny_run / "data" / os.path.basename(lat[0])))
+        assert d["mu"].shape == (len(ep["action"]), 8) and np.array_equal(d["action"], ep["action"])
+    data, held = mdnrnn.load_sequences(str(tiny_run / "latents"), 32, 20)
+    assert data[5].sum() == sum(len(np.load(f)["action"]) for f in lat)  # every step once
+
+
+# ---------------------------------------------------------------- controller.py
+
+def up_params(D):
+    w = np.zeros((5, D + 1))
+    w[collect.UP, -1] = 1.0  # only the bias of UP: always UP
+    return w.ravel()
+
+
+def test_always_up_controller_matches_the_baseline(tiny_run):
+    v, m = vae.load_vae(str(tiny_run / "vae.pt")), mdnrnn.load_mdnrnn(str(tiny_run / "mdnrnn.pt"))
+    D = controller.n_inputs("zh", 8, 16)
+    returns, steps = controller.rollout(v, m, up_params(D)[None], controller.level_draw(7, 0, 400), "easy", "zh")
+    win = (returns == 10).mean()
+    assert returns.shape == (1, 400) and steps > 400
+    assert 0.25 < win < 0.41, win  # always-UP wins 32.8% of easy levels (2000 episodes)
+
+
+def test_pool_equals_serial(tiny_run):
+    v, m = str(tiny_run / "vae.pt"), str(tiny_run / "mdnrnn.pt")
+    X = np.random.default_rng(0).normal(0, 0.5, (4, 5 * (controller.n_inputs("zh", 8, 16) + 1)))
+    levels = controller.level_draw(1, 0, 6)
+    controller.init_worker(v, m)
+    serial, s1 = controller.fitness(None, X, levels, "easy", "zh", workers=2)
+    torch.set_num_threads(2)
+    import multiprocessing as mp
+    with mp.get_context("fork").Pool(2, controller.init_worker, (v, m)) as pool:
+        pooled, s2 = controller.fitness(pool, X, levels, "easy", "zh", workers=2)
+    assert np.array_equal(serial, pooled) and s1 == s2
+
+
+def test_cma_loop_improves_a_toy_objective():
+    target = np.linspace(-1, 1, 20)
+    es = cma.CMAEvolutionStrategy(np.zeros(20), 0.5, dict(popsize=12, seed=1, verbose=-9))
+    score = lambda X: (-((X - target) ** 2).sum(1), None)
+    first = score(np.array(es.ask()))[0].mean()
+    for _ in range(60):
+        X, F, _ = controller.cma_generation(es, score)
+    assert F.mean() > 0.1 * first and -score(es.mean[None])[0][0] < 0.05  # from ~-7 to close to 0
+
+
+def test_controller_checkpoint_and_resume(tiny_run, tmp_path):
+    ckpt = torch.load(tiny_run / "controller.pt", weights_only=True)
+    assert ckpt["generation"] == 1 and ckpt["params"].shape == (5 * (8 + 16 + 1),) and ckpt["env_steps"] > 0
+    out = tmp_path / "c.pt"
+    base = dict(vae=str(tiny_run / "vae.pt"), mdnrnn=str(tiny_run / "mdnrnn.pt"), out=str(out), popsize=4,
+                levels=2, eval_every=1, eval_levels=2, workers=1)
+    controller.train(CConfig(generations=1, **base))
+    controller.train(CConfig(generations=2, resume=True, **base))
+    resumed = torch.load(out, weights_only=True)
+    straight = tmp_path / "s.pt"
+    controller.train(CConfig(generations=2, **{**base, "out": str(straight)}))
+    assert resumed["generation"] == 2 and resumed["env_steps"] == torch.load(straight, weights_only=True)["env_steps"]
+    assert torch.equal(resumed["params"], torch.load(straight, weights_only=True)["params"])
+
+
+# ---------------------------------------------------------------- evaluate.py
+
+TEST_SEED = evaluate.EvalConfig.seed
+
+
+@pytest.fixture
+def one_torch_thread():
+    """The tiny models here run ops of microseconds, where a second thread only adds sync cost: on a
+    busy 2-core machine 2 threads made the agent's play 10x slower (74 s vs 6 s for 12 episodes)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_agent_actions_alive_and_first(tiny_run):
+    agent = evaluate.load_agent(str(tiny_run))
+    assert agent.distribution_mode == "easy"
+    obs = np.random.default_rng(0).integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)
+    agent.reset(3)
+    a = agent.act(obs, np.ones(3, dtype=bool))
+    assert a.shape == (3,) and np.issubdtype(a.dtype, np.integer) and set(a.tolist()) <= {1, 3, 4, 5, 7}
+    # A finished env gets NONE (procgen id 4) and its memory is left alone.
+    h1 = agent.state[0][:, 1].clone()
+    a = agent.act(obs, np.zeros(3, dtype=bool), alive=np.array([True, False, True]))
+    assert a[1] == collect.ACTIONS[controller.NONE] == 4 and torch.equal(agent.state[0][:, 1], h1)
+    for _ in range(3):
+        agent.act(obs, np.zeros(3, dtype=bool))
+    # first[i] zeroes env i's (h, c) before acting: env 0 now matches a fresh agent, env 1 does not.
+    fresh = evaluate.load_agent(str(tiny_run))
+    fresh.reset(3)
+    fresh.act(obs, np.ones(3, dtype=bool))
+    agent.act(obs, np.array([True, False, False]))
+    for k in (0, 1):
+        assert torch.equal(agent.state[k][:, 0], fresh.state[k][:, 0])
+    assert not torch.equal(agent.state[0][:, 1], fresh.state[0][:, 1])
+
+
+def test_load_agent_names_missing_file(tiny_run, tmp_path):
+    for name in ("vae.pt", "mdnrnn.pt"):
+        shutil.copy(tiny_run / name, tmp_path / name)
+    with pytest.raises(SystemExit) as e:
+        evaluate.load_agent(str(tmp_path))
+    assert "controller.pt" in str(e.value) and str(tmp_path) in str(e.value)
+
+
+def test_every_policy_meets_the_same_levels():
+    """play()'s premise: env i's first level depends only on (seed, i), not on the number of envs."""
+    levels = lambda num, seed: [info["level_seed"] for info in collect.make_env(num, "easy", seed=seed).get_info()]
+    assert levels(8, TEST_SEED) == levels(8, TEST_SEED) == levels(32, TEST_SEED)[:8]
+    assert levels(8, TEST_SEED) != levels(8, TEST_SEED + 1)
+
+
+def test_play_is_deterministic_and_counts_first_episodes_only(tiny_run, one_torch_thread):
+    agent = evaluate.load_agent(str(tiny_run))
+    for make in (lambda: evaluate.random_policy(5), lambda: agent):
+        r1, l1 = evaluate.play(make(), 24, TEST_SEED, "easy")
+        r2, l2 = evaluate.play(make(), 24, TEST_SEED, "easy")
+        assert np.array_equal(r1, r2) and np.array_equal(l1, l2)
+        # One episode each: a single 10 at most (leaper pays only for the finish), 1..500 steps.
+        assert set(np.unique(r1).tolist()) <= {0.0, 10.0}
+        assert l1.min() >= 1 and l1.max() <= collect.MAX_STEPS
+
+
+def test_agent_plays_exactly_like_the_training_rollout(tiny_run, one_torch_thread):
+    """The same controller on the same levels: evaluate's Agent + play() == controller.rollout."""
+    agent = evaluate.load_agent(str(tiny_run))
+    levels = [info["level_seed"] for info in collect.make_env(12, "easy", seed=TEST_SEED).get_info()]
+    returns, _ = evaluate.play(agent, 12, TEST_SEED, "easy")
+    trained, _ = controller.rollout(agent.vae, agent.mdn, agent.weights.reshape(1, -1).numpy(), levels, "easy", agent.inputs)
+    assert np.array_equal(returns, trained[0])
+
+
+def test_always_up_wins_a_third_of_easy_levels():
+    """Measured: 32.8% over 2000 held-out easy levels; 300 episodes have std 2.7%: tolerance 3 std."""
+    returns, lengths = evaluate.play(evaluate.always_up(), 300, TEST_SEED, "easy")
+    s = evaluate.summarize(returns, lengths)
+    assert abs(s["win_rate"] - 0.328) < 0.08, s
+    assert s["mean_return"] == pytest.approx(10 * s["win_rate"])
+
+
+def test_wilson_and_summarize():
+    # By hand, z = 1.96, 5/10: centre 0.5, half width 1.96 * sqrt(0.025 + 0.009604) / 1.38416 = 0.26340.
+    assert evaluate.wilson(5, 10) == pytest.approx([0.23660, 0.76340], abs=1e-4)
+    assert evaluate.wilson(0, 10) == pytest.approx([0.0, 0.27753], abs=1e-4)
+    s = evaluate.summarize(np.array([10.0, 0.0, 0.0, 10.0]), np.array([5, 500, 3, 7]))
+    assert (s["wins"], s["episodes"], s["win_rate"], s["mean_return"], s["mean_length"]) == (2, 4, 0.5, 5.0, 128.75)
+
+
+def test_cli_json_and_pictures(tiny_run, capsys, one_torch_thread):
+    argv = ["--run", str(tiny_run), "--episodes", "12", "--json", "true", "--pictures", "true", "--gif-episodes", "1"]
+    evaluate.main(collect.cli(evaluate.EvalConfig, argv))
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])  # the JSON is the last line
+    assert (res["distribution_mode"], res["seed"], res["episodes"]) == ("easy", TEST_SEED, 12)
+    for r in (res, res["baselines"]["random"], res["baselines"]["always_up"]):
+        assert r["wins"] / r["episodes"] == pytest.approx(r["win_rate"])
+        assert r["ci95"][0] <= r["win_rate"] <= r["ci95"][1]
+        assert r["mean_return"] == pytest.approx(10 * r["win_rate"]) and 1 <= r["mean_length"] <= collect.MAX_STEPS
+    for name in ("agent.gif", "reconstructions.png", "dream.gif", "curves.png"):
+        assert (tiny_run / name).stat().st_size > 0
+    with pytest.raises(SystemExit) as e:  # a dir without checkpoints: one error line naming the first missing
+        evaluate.main(collect.cli(evaluate.EvalConfig, ["--run", str(tiny_run / "data")]))
+    assert str(e.value).startswith("error: ") and "vae.pt" in str(e.value) and "\n" not in str(e.value)
+
+
+# ---------------------------------------------------------------- train.py
+
+def test_train_tiny_end_to_end_then_skips(tmp_path):
+    out = tmp_path / "run"
+    r = run_cli("train.py", "--preset", "tiny", "--out", str(out), "--eval-episodes", "40")
+    assert r.returncode == 0, r.stderr[-3000:]
+    for name in ("data", "vae.pt", "vae.png", "latents", "mdnrnn.pt", "controller.pt", "summary.json",
+                 "vae.jsonl", "mdnrnn.jsonl", "controller.jsonl"):
+        assert os.path.exists(out / name), name
+    mtimes = {p: os.path.getmtime(out / p) for p in ("vae.pt", "mdnrnn.pt", "controller.pt")}
+    again = run_cli("train.py", "--preset", "tiny", "--out", str(out), "--eval-episodes", "0")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "nothing to do" in again.stdout and again.stdout.count("skipping") == 3
+    assert all(os.path.getmtime(out / p) == t for p, t in mtimes.items())
