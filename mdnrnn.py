@@ -153,6 +153,7 @@ def load_sequences(latents, seq_len, holdout):
 def test_metrics(model, data):
     """Held-out NLL (z from mu, no resampling), done-head accuracy and the always-'not done' baseline."""
     model.eval()
+    data = [t.to(next(model.parameters()).device) for t in data]
     nll, r_bce, d_bce, d_logit = m_losses(model, data, sample=False)
     done, mask = data[4], data[5].bool()
     acc = ((d_logit > 0).float() == done)[mask].float().mean().item()
@@ -162,6 +163,7 @@ def test_metrics(model, data):
 
 
 def train(cfg):
+    os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
     if os.path.exists(cfg.out) and not cfg.resume:
         fail(f"--out {cfg.out} exists; pass --resume true to continue it, or choose another path")
     if not os.path.exists(cfg.vae):
@@ -177,7 +179,8 @@ def train(cfg):
     train_set = [t[~held] for t in data]
     test_set = [t[held] for t in data] if held.any() else train_set
     z_dim = data[0].shape[-1]
-    model = MDNRNN(z_dim, cfg.hidden, cfg.gaussians)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # M trains on a GPU when there is one
+    model = MDNRNN(z_dim, cfg.hidden, cfg.gaussians).to(dev)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     epoch, step = 0, 0
     if cfg.resume and os.path.exists(cfg.out):
@@ -193,7 +196,7 @@ def train(cfg):
         model.train()
         t0, perm, tot = time.time(), torch.from_numpy(rng.permutation(len(train_set[0]))), np.zeros(3)
         for i in tqdm(range(0, len(perm), cfg.batch_size), desc=f"M epoch {epoch + 1}/{cfg.epochs}", unit="batch"):
-            batch = [t[perm[i:i + cfg.batch_size]] for t in train_set]
+            batch = [t[perm[i:i + cfg.batch_size]].to(dev) for t in train_set]
             nll, r_bce, d_bce, _ = m_losses(model, batch)
             opt.zero_grad()
             (nll + r_bce + d_bce).backward()
@@ -210,7 +213,7 @@ def train(cfg):
                          z_dim=z_dim, epoch=epoch, step=step), cfg.out)
         with open(log, "a") as f:
             f.write(json.dumps(row) + "\n")
-    return model
+    return model.cpu()
 
 
 def load_mdnrnn(path):

@@ -122,6 +122,19 @@ def test_vae_shapes_and_range():
     assert mu2.shape == (3, 16)
 
 
+def test_spatial_vae_shapes_and_locality():
+    m = vae.ConvVAE(128, spatial=True).eval()
+    x = torch.rand(2, 3, 64, 64)
+    recon, mu, logvar = m(x)
+    assert recon.shape == x.shape and mu.shape == logvar.shape == (2, 128)
+    y = x.clone()
+    y[:, :, :8, :8] = 0  # change one 8x8 patch: cells far from it keep their code
+    d = (m.encode(y)[0] - m.encode(x)[0]).abs().view(2, 2, 8, 8)  # (B,c,8,8)
+    assert d[:, :, :2, :2].sum() > 0 and d[:, :, 4:, 4:].sum() == 0
+    with pytest.raises(ValueError, match="multiple of 64"):
+        vae.ConvVAE(100, spatial=True)
+
+
 def test_kl_matches_torch_distributions():
     mu, logvar = torch.randn(7, 5), torch.randn(7, 5)
     q = torch.distributions.Normal(mu, (0.5 * logvar).exp())
