@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from collect import ACTIONS, MAX_STEPS, cli, fail, make_env
+from collect import ACTIONS, MAX_STEPS, UP, cli, fail, make_env
 from mdnrnn import load_mdnrnn
 from vae import load_vae, save_atomic, to_input
 
@@ -39,7 +39,8 @@ class CConfig:
     levels: int = 16  # episodes per candidate per generation: the same new levels for all candidates
     max_steps: int = 250  # fitness episodes stop here (easy wins take 25-100 steps; the game's cap is 500)
     sigma0: float = 0.5  # initial CMA-ES step size
-    diagonal: int = 2000  # above this many parameters use the diagonal (sep-)CMA, O(n) per step
+    up_bias: float = 0.0  # start the search at "always UP" (UP's bias = up_bias) instead of at zero
+    diagonal: int = 1000  # above this many parameters use the diagonal (sep-)CMA, O(n) per step
     inputs: str = "zh"  # controller inputs: z, zh (Ha's [z, h]) or zhc (adds the LSTM cell state)
     eval_every: int = 5  # every this many generations, re-test the CMA mean and the generation's best
     eval_levels: int = 64  # ... on this many fixed validation levels; the better one is kept as "best"
@@ -139,6 +140,7 @@ def level_draw(seed, generation, n):
 
 
 def train(cfg):
+    os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
     if os.path.exists(cfg.out) and not cfg.resume:
         fail(f"--out {cfg.out} exists; pass --resume true to continue it, or choose another path")
     if cfg.inputs not in ("z", "zh", "zhc"):
@@ -154,7 +156,9 @@ def train(cfg):
     workers = cfg.workers or os.cpu_count() or 1
     # Seeding, in one place: CMA-ES's sampling and the level draws (levels come from level_draw).
     opts = dict(popsize=cfg.popsize, seed=cfg.seed + 1, CMA_diagonal=n_params > cfg.diagonal, verbose=-9)
-    es = cma.CMAEvolutionStrategy(np.zeros(n_params), cfg.sigma0, opts)
+    x0 = np.zeros((len(ACTIONS), n_params // len(ACTIONS)))  # (5,D+1), bias last
+    x0[UP, -1] = cfg.up_bias  # a prior the search can leave: UP is the best constant action
+    es = cma.CMAEvolutionStrategy(x0.ravel(), cfg.sigma0, opts)
     val_levels = np.random.default_rng([cfg.seed, 10**9]).integers(0, 2**31 - 1, cfg.eval_levels)
     gen, best, best_score, env_steps = 0, np.zeros(n_params), -1.0, 0
     if cfg.resume and os.path.exists(cfg.out):

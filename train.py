@@ -33,7 +33,8 @@ class TrainConfig:
     seed: int = 0  # one seed for every stage
     episodes: int = 2000  # random rollouts collected for V and M
     up_prob: float = 0.4  # collection policy: probability that a new random action is UP
-    z_dim: int = 32  # V's latent size
+    z_dim: int = 128  # V's latent size (spatial: a multiple of 64)
+    spatial: bool = True  # V's z as an 8x8 grid (sees the frog and cars in minutes) or Ha's flat vector
     vae_epochs: int = 4  # passes of V over the frames
     fg_weight: float = 10.0  # V's extra weight on pixels that move (frog, cars, logs)
     kl_tolerance: float = 0.5  # V's free bits per latent dim
@@ -45,6 +46,7 @@ class TrainConfig:
     levels: int = 16  # episodes per candidate per generation (common levels)
     max_steps: int = 250  # fitness episodes stop here (the held-out test plays the game's full 500)
     sigma0: float = 0.5  # CMA-ES initial step size
+    up_bias: float = 0.0  # CMA-ES starts at "always UP" with this bias on UP (0: starts at zero)
     inputs: str = "zh"  # controller inputs: z, zh or zhc
     eval_every: int = 5  # generations between re-tests of the CMA mean and best
     eval_levels: int = 64  # levels of those re-tests
@@ -53,10 +55,10 @@ class TrainConfig:
 
 
 PRESETS = {
-    "tiny": dict(episodes=64, z_dim=8, vae_epochs=1, hidden=32, gaussians=2, mdn_epochs=2, generations=2, popsize=4,
+    "tiny": dict(episodes=64, z_dim=64, vae_epochs=1, hidden=32, gaussians=2, mdn_epochs=2, generations=2, popsize=4,
                  levels=2, eval_every=1, eval_levels=4, eval_episodes=64),
     "default": {},
-    "paper": dict(episodes=10000, z_dim=512, vae_epochs=10, hidden=1024, gaussians=16, mdn_epochs=45,
+    "paper": dict(episodes=10000, z_dim=512, spatial=False, vae_epochs=10, hidden=1024, gaussians=16, mdn_epochs=45,
                   generations=100, popsize=30, levels=30),
 }
 
@@ -83,7 +85,7 @@ def run(cfg):
     c = collect.collect(collect.CollectConfig(out=path("data"), episodes=cfg.episodes, seed=cfg.seed,
                                               distribution_mode=cfg.distribution_mode, up_prob=cfg.up_prob))
     print("== 2/4 train V")
-    vae.train(vae.VAEConfig(data=path("data"), out=path("vae.pt"), z_dim=cfg.z_dim, epochs=cfg.vae_epochs,
+    vae.train(vae.VAEConfig(data=path("data"), out=path("vae.pt"), z_dim=cfg.z_dim, spatial=cfg.spatial, epochs=cfg.vae_epochs,
                             fg_weight=cfg.fg_weight, kl_tolerance=cfg.kl_tolerance, seed=cfg.seed, resume=True))
     print("== 3/4 encode and train M")
     mdnrnn.train(mdnrnn.MDNConfig(data=path("data"), vae=path("vae.pt"), out=path("mdnrnn.pt"), hidden=cfg.hidden,
@@ -91,7 +93,7 @@ def run(cfg):
     print("== 4/4 evolve C")
     ccfg = controller.CConfig(vae=path("vae.pt"), mdnrnn=path("mdnrnn.pt"), out=path("controller.pt"),
                               distribution_mode=cfg.distribution_mode, generations=cfg.generations,
-                              popsize=cfg.popsize, levels=cfg.levels, max_steps=cfg.max_steps, sigma0=cfg.sigma0, inputs=cfg.inputs,
+                              popsize=cfg.popsize, levels=cfg.levels, max_steps=cfg.max_steps, sigma0=cfg.sigma0, up_bias=cfg.up_bias, inputs=cfg.inputs,
                               eval_every=cfg.eval_every, eval_levels=cfg.eval_levels, workers=cfg.workers,
                               seed=cfg.seed, resume=True)
     controller.train(ccfg)
