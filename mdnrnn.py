@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from collect import ACTIONS, cli, fail, list_episodes, load_episode
-from vae import encode, load_vae, save_atomic
+from vae import encode, load_vae, save_atomic, start_training
 
 LOG_SIGMA_MIN, LOG_SIGMA_MAX = -5.0, 2.0  # sigma in [0.007, 7.4]: the density cannot blow up
 
@@ -174,27 +174,19 @@ def train(cfg):
     latents = cfg.latents or os.path.join(os.path.dirname(os.path.abspath(cfg.out)), "latents")
     encode_episodes(cfg.data, cfg.vae, latents)
     torch.manual_seed(cfg.seed)  # seeding, in one place: weights, z resampling and shuffling
-    rng = np.random.default_rng(cfg.seed)
     data, held = load_sequences(latents, cfg.seq_len, cfg.holdout)
     train_set = [t[~held] for t in data]
     test_set = [t[held] for t in data] if held.any() else train_set
     z_dim = data[0].shape[-1]
-    dev = "cuda" if torch.cuda.is_available() else "cpu"  # M trains on a GPU when there is one
-    model = MDNRNN(z_dim, cfg.hidden, cfg.gaussians).to(dev)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    epoch, step = 0, 0
-    if cfg.resume and os.path.exists(cfg.out):
-        ckpt = torch.load(cfg.out, map_location="cpu", weights_only=True)
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        epoch, step = ckpt["epoch"], ckpt["step"]
-        rng = np.random.default_rng([cfg.seed, epoch])
+    model, opt, epoch, step, dev = start_training(MDNRNN(z_dim, cfg.hidden, cfg.gaussians), cfg.lr, cfg.out, cfg.resume)
     print(f"M: {sum(p.numel() for p in model.parameters()):,} parameters, {len(train_set[0])} training "
           f"sequences, {int(held.sum())} held-out; before training: {test_metrics(model, test_set)}")
     log = os.path.splitext(cfg.out)[0] + ".jsonl"
     while epoch < cfg.epochs:
         model.train()
-        t0, perm, tot = time.time(), torch.from_numpy(rng.permutation(len(train_set[0]))), np.zeros(3)
+        t0, tot = time.time(), np.zeros(3)
+        # Each epoch's order comes from (seed, epoch): a resumed run shuffles exactly as an unbroken one.
+        perm = torch.from_numpy(np.random.default_rng([cfg.seed, epoch]).permutation(len(train_set[0])))
         for i in tqdm(range(0, len(perm), cfg.batch_size), desc=f"M epoch {epoch + 1}/{cfg.epochs}", unit="batch"):
             batch = [t[perm[i:i + cfg.batch_size]].to(dev) for t in train_set]
             nll, r_bce, d_bce, _ = m_losses(model, batch)

@@ -181,11 +181,24 @@ def evaluate(model, frames, masks, batch_size=512):
     return err / max(len(frames), 1), fg / max(len(frames), 1)
 
 
+def start_training(model, lr, path, resume):
+    """Adam on the GPU when there is one; with resume, the weights, optimizer and position from path.
+    Returns (model, optimizer, epoch, step, device)."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    model = model.to(dev)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    if not (resume and os.path.exists(path)):
+        return model, opt, 0, 0, dev
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    model.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["optimizer"])
+    return model, opt, ckpt["epoch"], ckpt["step"], dev
+
+
 def train(cfg):
     if os.path.exists(cfg.out) and not cfg.resume:
         sys.exit(f"error: --out {cfg.out} exists; pass --resume true to continue it, or choose another path")
-    torch.manual_seed(cfg.seed)  # seeding, in one place: weights, sampling and shuffling
-    rng = np.random.default_rng(cfg.seed)
+    torch.manual_seed(cfg.seed)  # seeding, in one place: weights, sampling and (below) shuffling
     if cfg.resume and os.path.exists(cfg.out) and torch.load(cfg.out, weights_only=True)["epoch"] >= cfg.epochs:
         print(f"V: {cfg.out} already has {cfg.epochs} epochs, skipping")
         return load_vae(cfg.out)
@@ -194,16 +207,7 @@ def train(cfg):
     if len(train_idx) == 0:
         sys.exit(f"error: --data {cfg.data}: no training frames left after --holdout {cfg.holdout}")
     frames_t, masks_t = torch.from_numpy(frames), torch.from_numpy(masks)
-    dev = "cuda" if torch.cuda.is_available() else "cpu"  # V trains on a GPU when there is one
-    model = ConvVAE(cfg.z_dim, cfg.spatial).to(dev)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    epoch, step = 0, 0
-    if cfg.resume and os.path.exists(cfg.out):
-        ckpt = torch.load(cfg.out, map_location="cpu", weights_only=True)
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        epoch, step = ckpt["epoch"], ckpt["step"]
-        rng = np.random.default_rng([cfg.seed, epoch])
+    model, opt, epoch, step, dev = start_training(ConvVAE(cfg.z_dim, cfg.spatial), cfg.lr, cfg.out, cfg.resume)
     os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
     base = os.path.splitext(cfg.out)[0]
     pool = test_idx if len(test_idx) >= 8 else train_idx
@@ -212,7 +216,9 @@ def train(cfg):
           f"{len(test_idx)} held-out, foreground {masks.mean():.1%} of pixels")
     while epoch < cfg.epochs:
         model.train()
-        t0, perm, tot = time.time(), torch.from_numpy(rng.permutation(train_idx)), np.zeros(3)
+        t0, tot = time.time(), np.zeros(3)
+        # Each epoch's order comes from (seed, epoch): a resumed run shuffles exactly as an unbroken one.
+        perm = torch.from_numpy(np.random.default_rng([cfg.seed, epoch]).permutation(train_idx))
         for i in tqdm(range(0, len(perm), cfg.batch_size), desc=f"V epoch {epoch + 1}/{cfg.epochs}", unit="batch"):
             idx = perm[i:i + cfg.batch_size]
             x = to_input(frames_t[idx]).to(dev)  # (B,3,64,64)
