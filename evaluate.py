@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from collect import ACTION_NAMES, ACTIONS, MAX_STEPS, UP, cli, fail, make_env
-from controller import NONE, agent_step, features
+from controller import NONE, agent_step, features, n_inputs
 from mdnrnn import load_mdnrnn, sample_next
 from vae import encode, load_vae, reconstruction_grid, to_input
 
@@ -79,7 +79,7 @@ def load_agent(run_dir):
     vae, mdn = load_vae(paths["vae"]), load_mdnrnn(paths["mdnrnn"])
     ckpt = torch.load(paths["controller"], map_location="cpu", weights_only=True)
     inputs = ckpt["config"]["inputs"]
-    D = vae.z_dim + mdn.hidden * (len(inputs) - 1)
+    D = n_inputs(inputs, vae.z_dim, mdn.hidden)
     if (ckpt["z_dim"], ckpt["hidden"]) != (vae.z_dim, mdn.hidden) or ckpt["params"].numel() != len(ACTIONS) * (D + 1):
         fail(f"{paths['controller']}: trained for z_dim {ckpt['z_dim']}, hidden {ckpt['hidden']}, but "
              f"{paths['vae']} has z_dim {vae.z_dim} and {paths['mdnrnn']} hidden {mdn.hidden}")

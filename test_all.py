@@ -452,6 +452,17 @@ def test_cli_json_and_pictures(tiny_run, capsys, one_torch_thread):
     assert str(e.value).startswith("error: ") and "vae.pt" in str(e.value) and "\n" not in str(e.value)
 
 
+def test_pretrained_agents_load_and_play(one_torch_thread):
+    """The committed weights (float16 exports of the default runs) play without any training."""
+    for mode in ("easy", "hard"):
+        run = os.path.join(HERE, "pretrained", mode)
+        agent = evaluate.load_agent(run)
+        assert agent.distribution_mode == mode and agent.vae.spatial
+        returns, lengths = evaluate.play(agent, 16, TEST_SEED, mode)
+        assert returns.shape == (16,) and set(np.unique(returns)) <= {0.0, 10.0} and lengths.min() >= 1
+        assert sum(os.path.getsize(os.path.join(run, f)) for f in os.listdir(run)) < 12e6
+
+
 # ---------------------------------------------------------------- train.py
 
 def test_train_tiny_end_to_end_then_skips(tmp_path):
@@ -462,7 +473,17 @@ def test_train_tiny_end_to_end_then_skips(tmp_path):
                  "vae.jsonl", "mdnrnn.jsonl", "controller.jsonl"):
         assert os.path.exists(out / name), name
     mtimes = {p: os.path.getmtime(out / p) for p in ("vae.pt", "mdnrnn.pt", "controller.pt")}
-    again = run_cli("train.py", "--preset", "tiny", "--out", str(out), "--eval-episodes", "0")
+    again = run_cli("train.py", "--preset", "tiny", "--out", str(out), "--eval-episodes", "0",
+                    "--export", str(tmp_path / "exported"))
     assert again.returncode == 0, again.stderr[-3000:]
     assert "nothing to do" in again.stdout and again.stdout.count("skipping") == 3
     assert all(os.path.getmtime(out / p) == t for p, t in mtimes.items())
+    summary = json.load(open(out / "summary.json"))  # from the tested first run, not the resume
+    assert summary["collect_env_steps"] > 0 and summary["test"]["agent"]["episodes"] == 40
+    assert f"collection {summary['collect_env_steps']:,} " in again.stdout  # the resume still counts them
+    for p in mtimes:  # float16 weights, no optimizer or CMA state: smaller, and the agent still loads
+        assert os.path.getsize(tmp_path / "exported" / p) < os.path.getsize(out / p)
+    assert evaluate.load_agent(str(tmp_path / "exported")).act(np.zeros((2, 64, 64, 3), np.uint8), np.ones(2, bool)).shape == (2,)
+    refused = run_cli("train.py", "--preset", "tiny", "--out", str(out), "--eval-episodes", "0",
+                      "--export", str(tmp_path / "exported"))
+    assert refused.returncode != 0 and "exists" in refused.stderr.strip().splitlines()[-1]

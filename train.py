@@ -52,6 +52,7 @@ class TrainConfig:
     eval_levels: int = 64  # levels of those re-tests
     workers: int = 0  # rollout processes (0 = one per core)
     eval_episodes: int = 1000  # held-out episodes of the final summary (0 = skip it)
+    export: str = ""  # after training, copy the agent's weights (float16, no optimizer) to this new dir
 
 
 PRESETS = {
@@ -72,7 +73,22 @@ def parse_args(argv=None):
     return dataclasses.replace(cfg, out=cfg.out or os.path.join("runs", f"{cfg.distribution_mode}-{cfg.preset}"))
 
 
+def export(run_dir, dest):
+    """The three checkpoints without optimizer or CMA state, weights in float16: a few MB that
+    evaluate.py --run DEST plays as it is (the loaders cast back to float32)."""
+    os.makedirs(dest)  # never into an existing dir (run() refuses one before training)
+    half = lambda sd: {k: v.half() if v.is_floating_point() else v for k, v in sd.items()}
+    for name, drop in (("vae.pt", ("optimizer",)), ("mdnrnn.pt", ("optimizer",)), ("controller.pt", ("cma_state",))):
+        ckpt = {k: v for k, v in torch.load(os.path.join(run_dir, name), weights_only=True).items() if k not in drop}
+        if "model" in ckpt:
+            ckpt["model"] = half(ckpt["model"])
+        vae.save_atomic(ckpt, os.path.join(dest, name))
+    print(f"exported the agent of {run_dir} to {dest}")
+
+
 def run(cfg):
+    if cfg.export and os.path.exists(cfg.export):
+        collect.fail(f"--export {cfg.export} exists; choose a new directory")
     t0 = time.time()
     os.makedirs(cfg.out, exist_ok=True)
     path = lambda name: os.path.join(cfg.out, name)
@@ -84,6 +100,12 @@ def run(cfg):
     print("== 1/4 collect random rollouts")
     c = collect.collect(collect.CollectConfig(out=path("data"), episodes=cfg.episodes, seed=cfg.seed,
                                               distribution_mode=cfg.distribution_mode, up_prob=cfg.up_prob))
+    if c["env_steps"]:  # a skipped collection reports 0 steps: keep the numbers of the one that ran
+        with open(path("collect.json"), "w") as f:
+            json.dump(c, f)
+    elif os.path.exists(path("collect.json")):
+        with open(path("collect.json")) as f:
+            c = json.load(f)
     print("== 2/4 train V")
     vae.train(vae.VAEConfig(data=path("data"), out=path("vae.pt"), z_dim=cfg.z_dim, spatial=cfg.spatial, epochs=cfg.vae_epochs,
                             fg_weight=cfg.fg_weight, kl_tolerance=cfg.kl_tolerance, seed=cfg.seed, resume=True))
@@ -98,16 +120,17 @@ def run(cfg):
                               seed=cfg.seed, resume=True)
     controller.train(ccfg)
     c_steps = torch.load(path("controller.pt"), weights_only=True)["env_steps"]
-    # Collection steps of this invocation only; a resumed run re-counts nothing it skipped.
     summary = dict(run=cfg.out, minutes=(time.time() - t0) / 60, collect_env_steps=c["env_steps"],
                    controller_env_steps=int(c_steps))
     print(f"trained in {summary['minutes']:.1f} min; real env steps: collection {c['env_steps']:,} "
           f"+ fitness rollouts {int(c_steps):,}")
-    if cfg.eval_episodes:
+    if cfg.eval_episodes:  # summary.json holds the last run that was tested; an untested resume keeps it
         print(f"== held-out test: {cfg.eval_episodes} episodes on levels training never used")
         summary["test"] = evaluate.main(evaluate.EvalConfig(run=cfg.out, episodes=cfg.eval_episodes))
-    with open(path("summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
+        with open(path("summary.json"), "w") as f:
+            json.dump(summary, f, indent=1)
+    if cfg.export:
+        export(cfg.out, cfg.export)
     return summary
 
 
