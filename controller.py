@@ -63,13 +63,19 @@ def features(z, state, inputs):
 def agent_step(vae, mdn, weights, obs, state, inputs):
     """One step of V -> C -> M for a batch of envs.
 
-    obs uint8 (n,64,64,3); weights (n,5,D+1): each env's own controller (bias last); state (h, c)
+    obs uint8 (n,64,64,3); weights: see choose(); state (h, c)
     each (1,n,H) = M's memory of the past. Returns action indices (n,) and the advanced state."""
     z = vae.encode(to_input(obs))[0]  # (n,Z): mu, no sampling at control time (as Ha)
-    f = features(z, state, inputs)  # (n,D)
-    scores = torch.sigmoid(torch.einsum("nad,nd->na", weights[..., :-1], f) + weights[..., -1])  # (n,5)
-    action = scores.argmax(-1)  # sigmoid is monotonic: argmax of the linear scores, as in the seed
+    action = choose(weights, features(z, state, inputs))
     return action, mdn.advance(z, action, state)
+
+
+def choose(weights, f):
+    """C itself: weights (n,5,D+1) (each env its own controller; bias last) or (5,D+1) (one for all),
+    inputs f (n,D) -> action indices (n,)."""
+    weights = weights.expand(len(f), -1, -1)  # (n,5,D+1)
+    scores = torch.sigmoid(torch.einsum("nad,nd->na", weights[..., :-1], f) + weights[..., -1])  # (n,5)
+    return scores.argmax(-1)  # sigmoid is monotonic: argmax of the linear scores, as in the seed
 
 
 def rollout(vae, mdn, params, level_seeds, distribution_mode, inputs, max_steps=MAX_STEPS):

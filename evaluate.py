@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from collect import ACTION_NAMES, ACTIONS, MAX_STEPS, UP, cli, fail, make_env
-from controller import NONE, agent_step, features, n_inputs
+from controller import NONE, agent_step, choose, features, n_inputs
 from mdnrnn import load_mdnrnn, sample_next
 from vae import encode, load_vae, reconstruction_grid, to_input
 
@@ -63,8 +63,7 @@ class Agent:
         idx = np.flatnonzero(np.ones(n, dtype=bool) if alive is None else alive)
         actions = np.full(n, ACTIONS[NONE])
         if len(idx):
-            weights = self.weights.expand(len(idx), -1, -1)  # (n,5,D+1): the one controller, per env
-            a, (h_new, c_new) = agent_step(self.vae, self.mdn, weights, obs[idx], (h[:, idx], c[:, idx]), self.inputs)
+            a, (h_new, c_new) = agent_step(self.vae, self.mdn, self.weights, obs[idx], (h[:, idx], c[:, idx]), self.inputs)
             h[:, idx], c[:, idx] = h_new, c_new
             actions[idx] = ACTIONS[a.numpy()]
         return actions
@@ -192,12 +191,6 @@ def reconstructions_png(agent, recorded, path):
 
 
 @torch.no_grad()
-def controller_action(weights, z, state, inputs):
-    """C on M's own z (in a dream there is no frame for V to encode): weights (5,D+1) -> (n,) indices."""
-    return (features(z, state, inputs) @ weights[:, :-1].T + weights[:, -1]).argmax(-1)  # (n,5) scores
-
-
-@torch.no_grad()
 def dream(agent, frame, steps=60, tau=1.15, seed=0):
     """M imagines a rollout from one real frame, C choosing the actions. Returns decoded frames
     uint8 (T+1,64,64,3), action indices (T,), the sampled win flags (T,) and whether M said done."""
@@ -206,7 +199,7 @@ def dream(agent, frame, steps=60, tau=1.15, seed=0):
     state = (torch.zeros(1, 1, agent.mdn.hidden), torch.zeros(1, 1, agent.mdn.hidden))
     zs, actions, wins = [z], [], []
     for _ in range(steps):
-        a = controller_action(agent.weights, z, state, agent.inputs)  # (1,)
+        a = choose(agent.weights, features(z, state, agent.inputs))  # (1,): C on M's z, no frame to encode
         mix, r_logit, d_logit, state = agent.mdn.step(z, a, state)
         z, win, done = sample_next(*mix, r_logit, d_logit, tau)
         zs, actions, wins = zs + [z], actions + [int(a)], wins + [bool(win)]
