@@ -66,7 +66,7 @@ def cli(cls, argv=None, defaults=None):
 
 
 def fail(msg):
-    """One clear line on stderr and exit code 2: the way every module reports bad input."""
+    """One clear line on stderr and exit code 1: the way every module reports bad input."""
     sys.exit(f"error: {msg}")
 
 
