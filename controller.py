@@ -154,9 +154,10 @@ def train(cfg):
     for flag, path in (("--vae", cfg.vae), ("--mdnrnn", cfg.mdnrnn)):
         if not os.path.exists(path):
             fail(f"{flag} {path}: no such checkpoint")
-    if cfg.resume and os.path.exists(cfg.out) and torch.load(cfg.out, weights_only=True)["generation"] >= cfg.generations:
+    ckpt = torch.load(cfg.out, map_location="cpu", weights_only=True) if cfg.resume and os.path.exists(cfg.out) else None
+    if ckpt and ckpt["generation"] >= cfg.generations:
         print(f"C: {cfg.out} already has {cfg.generations} generations, skipping")
-        return torch.load(cfg.out, weights_only=True)["params"].numpy()
+        return ckpt["params"].numpy()
     vae, mdn = load_vae(cfg.vae), load_mdnrnn(cfg.mdnrnn)
     n_params = len(ACTIONS) * (n_inputs(cfg.inputs, vae.z_dim, mdn.hidden) + 1)
     workers = cfg.workers or os.cpu_count() or 1
@@ -167,8 +168,7 @@ def train(cfg):
     es = cma.CMAEvolutionStrategy(x0.ravel(), cfg.sigma0, opts)
     val_levels = np.random.default_rng([cfg.seed, 10**9]).integers(0, 2**31 - 1, cfg.eval_levels)
     gen, best, best_score, env_steps = 0, np.zeros(n_params), -1.0, 0
-    if cfg.resume and os.path.exists(cfg.out):
-        ckpt = torch.load(cfg.out, map_location="cpu", weights_only=True)
+    if ckpt:
         # The CMA state is a pickle inside our own checkpoint: resume only runs you made yourself.
         es = pickle.loads(ckpt["cma_state"].numpy().tobytes())
         gen, best, best_score = ckpt["generation"], ckpt["params"].double().numpy(), ckpt["best_score"]
