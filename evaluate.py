@@ -37,6 +37,7 @@ class EvalConfig:
     pictures: bool = True  # write agent.gif, reconstructions.png, dream.gif and curves.png into --run
     gif_episodes: int = 4  # episodes played by the agent in agent.gif
     tau: float = 1.15  # temperature of M's dream in dream.gif (Ha: 1.15)
+    lookahead: int = 0  # also play the look-ahead reference (it cheats) on this many of the levels; ~1 s each
 
 
 class Agent:
@@ -98,12 +99,42 @@ def always_up():
                            act=lambda obs, first, alive=None: np.full(len(obs), ACTIONS[UP]))
 
 
+def lookahead(distribution_mode, horizon=8):
+    """A ceiling, NOT an agent: it cheats by cloning the emulator's state. Each step it tries every
+    action (then no-ops) for `horizon` steps in copies of the game, takes a win if one is in reach,
+    else hops UP if that survives, else the first of none, DOWN, RIGHT, LEFT that survives. It
+    measures what a purely reactive policy wins when it knows whether its next hop is safe."""
+    order = [ACTION_NAMES.index(a) for a in ("UP", "NONE", "DOWN", "RIGHT", "LEFT")]  # action indices
+    A, p = len(ACTIONS), SimpleNamespace(env=None, sim=None)
+
+    def act(obs, first, alive=None):
+        n = len(obs)
+        if p.sim is None:
+            p.sim = make_env(n * A, distribution_mode)  # its levels are overwritten by set_state
+        p.sim.set_state([s for s in p.env.get_state() for _ in range(A)])  # env i -> sims i*A .. i*A+A-1
+        tried = np.tile(np.arange(A), n)  # (n*A,)
+        ended, dead, won = (np.zeros(n * A, dtype=bool) for _ in range(3))
+        for t in range(horizon):
+            p.sim.act(ACTIONS[tried if t == 0 else np.full(n * A, NONE)])
+            rew, _, first_sim = p.sim.observe()
+            won |= ~ended & (rew > 0)
+            dead |= ~ended & first_sim & (rew <= 0)  # an episode that ends without the prize: a death
+            ended |= first_sim
+        won, safe = won.reshape(n, A), ~dead.reshape(n, A)  # (n,A)
+        pick = [int(np.flatnonzero(w)[0]) if w.any() else next((a for a in order if s[a]), NONE)
+                for w, s in zip(won, safe)]
+        return ACTIONS[np.array(pick)]
+    return SimpleNamespace(reset=lambda num_envs: None, act=act, bind=lambda env: setattr(p, "env", env))
+
+
 def play(policy, episodes, seed, distribution_mode, record=False, desc="play"):
     """One episode per env of one seeded ProcgenGym3Env: env i's level depends only on (seed, i),
     so every policy meets the same levels. Returns returns (E,) and lengths (E,); with record also
     per episode dict(obs uint8 (T,64,64,3), action procgen ids (T,))."""
     env = make_env(episodes, distribution_mode, seed=seed)
     policy.reset(episodes)
+    if hasattr(policy, "bind"):
+        policy.bind(env)  # only the look-ahead ceiling needs the env itself, to clone its state
     _, obs, first = env.observe()  # first: all True
     alive, returns, lengths = np.ones(episodes, dtype=bool), np.zeros(episodes), np.zeros(episodes, dtype=np.int64)
     frames = [dict(obs=[], action=[]) for _ in range(episodes if record else 0)]
@@ -273,11 +304,15 @@ def main(cfg):
         fail(f"--distribution-mode {mode!r}: expected easy or hard")
     results = {name: summarize(*play(policy, cfg.episodes, cfg.seed, mode, desc=name)) for name, policy in
                (("agent", agent), ("random", random_policy(cfg.seed)), ("always_up", always_up()))}
+    if cfg.lookahead > 0:
+        results["lookahead"] = summarize(*play(lookahead(mode), min(cfg.lookahead, cfg.episodes), cfg.seed, mode,
+                                               desc="lookahead"))
     print(f"{cfg.run}: {cfg.episodes} {mode} levels of seed {cfg.seed} per policy")
-    print(f"{'policy':<10} {'win rate':>8}  {'95% CI':<16} {'mean return':>11} {'mean length':>11}")
+    print(f"{'policy':<10} {'episodes':>8} {'win rate':>8}  {'95% CI':<16} {'mean return':>11} {'mean length':>11}")
     for name, r in results.items():
         ci = "[{:.1%}, {:.1%}]".format(*r["ci95"])
-        print(f"{name:<10} {r['win_rate']:>8.1%}  {ci:<16} {r['mean_return']:>11.3f} {r['mean_length']:>11.1f}")
+        print(f"{name:<10} {r['episodes']:>8} {r['win_rate']:>8.1%}  {ci:<16} {r['mean_return']:>11.3f} "
+              f"{r['mean_length']:>11.1f}")
     if cfg.pictures:
         for path in pictures(agent, cfg, mode):
             print(f"wrote {path}")
