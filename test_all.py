@@ -428,6 +428,32 @@ def test_always_up_wins_a_third_of_easy_levels():
     assert s["mean_return"] == pytest.approx(10 * s["win_rate"])
 
 
+def test_lookahead_ceiling_wins_where_always_up_dies():
+    """The cheating ceiling (96% on 200 held-out easy levels) must beat always-UP on the same levels,
+    and cloning the state must leave the played env untouched: same result twice."""
+    up, _ = evaluate.play(evaluate.always_up(), 10, TEST_SEED, "easy")
+    la, lengths = evaluate.play(evaluate.lookahead("easy"), 10, TEST_SEED, "easy")
+    assert (la == 10).sum() >= 8 and (la == 10).sum() > (up == 10).sum() + 3, (la, up)
+    assert np.array_equal(evaluate.play(evaluate.lookahead("easy"), 10, TEST_SEED, "easy")[1], lengths)
+
+
+def test_probe_fit_recovers_a_linear_rule_in_c_units():
+    """docs/probe_linear_c.py: softmax regression on standardised features, folded back into C's
+    raw-unit weights, must act exactly as the standardised model and recover a linear rule."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("probe", os.path.join(HERE, "docs", "probe_linear_c.py"))
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(2000, 6, generator=g) * torch.tensor([1.0, 5, 0.1, 2, 1, 30]) + 3  # uneven scales, offset
+    y = ((X - 3) / torch.tensor([1.0, 5, 0.1, 2, 1, 30]) @ torch.randn(6, 5, generator=g)).argmax(1)
+    train = torch.arange(2000) < 1500
+    weights, acc = probe.fit(X, y, train, steps=600)
+    assert weights.shape == (5, 7) and acc > 0.9, acc
+    raw = controller.choose(weights, X[~train])  # C's own rule on raw features
+    assert acc == pytest.approx((raw == y[~train]).float().mean().item(), abs=2e-3)
+
+
 def test_wilson_and_summarize():
     # By hand, z = 1.96, 5/10: centre 0.5, half width 1.96 * sqrt(0.025 + 0.009604) / 1.38416 = 0.26340.
     assert evaluate.wilson(5, 10) == pytest.approx([0.23660, 0.76340], abs=1e-4)
