@@ -1,7 +1,8 @@
 """Evaluation of a trained World Models agent (V + M + C) on procgen leaper: its win rate on held-out
 levels beside a random and an always-UP baseline (World Models, section 3.3: the agent's score over
-many trials of the real environment), and pictures of what V sees and what M dreams (sections 3.1
-and 3.4: reconstructions, and a rollout imagined by M at temperature tau).
+many trials of the real environment) and, with --lookahead, a ceiling that cheats; and pictures of
+what V sees and what M dreams (sections 3.1 and 3.4: reconstructions, and a rollout imagined by M at
+temperature tau).
 
 Every policy plays the same levels: one procgen env per episode, each counting only its first
 episode, whose level is fixed by --seed (the default differs from every training stream).
@@ -37,7 +38,7 @@ class EvalConfig:
     pictures: bool = True  # write agent.gif, reconstructions.png, dream.gif and curves.png into --run
     gif_episodes: int = 4  # episodes played by the agent in agent.gif
     tau: float = 1.15  # temperature of M's dream in dream.gif (Ha: 1.15)
-    lookahead: int = 0  # also play the look-ahead reference (it cheats) on this many of the levels; ~1 s each
+    lookahead: int = 0  # also play the cheating look-ahead ceiling on this many of the levels (~1 s each)
 
 
 class Agent:
