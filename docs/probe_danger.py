@@ -1,0 +1,107 @@
+"""Probe: is "this hop is deadly" learnable, from the pixels and from V's z, once the data says
+which hop killed the frog?
+
+Random play blurs that label: the frog may die a few steps after an UP because of what it did next.
+Here the data is collected with "hop, then wait": a move, then 5-12 no-ops, so a death before the
+next move belongs to that move. Each UP is labelled "died before the next move", and classifiers
+are trained on (this frame, last frame) -> label: a small CNN on the pixels, and an MLP and a
+linear layer on V's z of both frames. Held-out AUC (0.5 = chance, 1 = perfect) after each epoch.
+
+    python docs/probe_danger.py --vae runs/easy-default/vae.pt --steps 400000
+"""
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo's modules
+from collect import ACTION_NAMES, ACTIONS, cli, make_env  # noqa: E402
+from vae import encode, load_vae  # noqa: E402
+
+UP, NONE = ACTION_NAMES.index("UP"), ACTION_NAMES.index("NONE")
+
+
+@dataclass
+class DangerConfig:
+    vae: str = "runs/easy-default/vae.pt"  # V whose z is probed
+    distribution_mode: str = "easy"  # game mode
+    steps: int = 400_000  # env steps of "hop, then wait" play (not counted in any training budget)
+    num_envs: int = 256  # envs stepped together
+    cnn_epochs: int = 8  # passes of the pixel CNN over the training UPs
+    z_epochs: int = 30  # passes of the classifiers on z
+    seed: int = 0  # seeds the levels, the policy and torch
+
+
+def hop_then_wait(cfg):
+    """Every UP of "hop, then wait" play: (this frame, last frame) uint8 (N,64,64,6), died (N,)."""
+    env = make_env(cfg.num_envs, cfg.distribution_mode, seed=cfg.seed)
+    rng, n = np.random.default_rng(cfg.seed), cfg.num_envs
+    obs = env.observe()[1]["rgb"]
+    last, wait, pending = obs.copy(), np.zeros(n, dtype=int), [None] * n  # pending: env i's last UP
+    X, Y = [], []
+    for _ in range(cfg.steps // n):
+        move = wait == 0  # (n,) envs that choose a new move now
+        a = np.where(move, rng.choice(len(ACTIONS), size=n, p=[0.1, 0.05, 0.15, 0.6, 0.1]), NONE)
+        for i in np.flatnonzero(move):
+            if pending[i] is not None:  # its last UP survived until this move
+                X.append(pending[i]), Y.append(0.0)
+            pending[i] = np.concatenate([obs[i], last[i]], -1) if a[i] == UP else None  # (64,64,6)
+        wait = np.where(move, rng.integers(5, 13, size=n), wait - 1)
+        env.act(ACTIONS[a])
+        rew, new, first = env.observe()
+        for i in np.flatnonzero(first):  # CRUCIAL: procgen auto-resets; new[i] is the next level
+            if pending[i] is not None:
+                X.append(pending[i]), Y.append(float(rew[i] <= 0))  # ended without the prize: died
+            pending[i], wait[i] = None, 0
+        last, obs = np.where(first[:, None, None, None], new["rgb"], obs), new["rgb"]
+    return np.stack(X), np.array(Y, dtype=np.float32)
+
+
+def auc(score, y):
+    """Area under the ROC curve by ranks: P(score of a death > score of a survival)."""
+    rank = np.empty(len(score))
+    rank[np.argsort(score)] = np.arange(len(score))
+    pos = y > 0
+    return (rank[pos].mean() - (pos.sum() - 1) / 2) / (~pos).sum()
+
+
+def fit(name, net, inputs, y, test, epochs, batch_size=128):
+    """Adam on BCE; prints the held-out AUC after each epoch. inputs(idx) -> a batch of net inputs."""
+    opt = torch.optim.Adam(net.parameters(), 1e-3)
+    train = np.flatnonzero(~test)
+    for epoch in range(epochs):
+        t0 = time.time()
+        for b in np.array_split(np.random.permutation(train), max(len(train) // batch_size, 1)):
+            loss = F.binary_cross_entropy_with_logits(net(inputs(b))[:, 0], torch.from_numpy(y[b]))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            score = torch.cat([net(inputs(b))[:, 0] for b in np.array_split(np.flatnonzero(test), 8)]).numpy()
+        print(f"{name} epoch {epoch + 1}: held-out AUC {auc(score, y[test]):.3f} ({time.time() - t0:.0f}s)", flush=True)
+
+
+if __name__ == "__main__":
+    cfg = cli(DangerConfig)
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.set_num_threads(os.cpu_count() or 1)
+    X, y = hop_then_wait(cfg)
+    print(f"{cfg.steps} steps of hop-then-wait: {len(y)} UPs, {y.mean():.1%} of them deadly")
+    test = np.arange(len(y)) % 10 == 9
+    cnn = nn.Sequential(  # (B,6,64,64) -> (B,1)
+        nn.Conv2d(6, 32, 4, 2, 1), nn.ReLU(), nn.Conv2d(32, 64, 4, 2, 1), nn.ReLU(),
+        nn.Conv2d(64, 64, 4, 2, 1), nn.ReLU(), nn.Flatten(), nn.Linear(64 * 8 * 8, 256), nn.ReLU(), nn.Linear(256, 1))
+    fit("pixels, CNN", cnn, lambda b: torch.from_numpy(X[b]).permute(0, 3, 1, 2).float() / 255, y, test, cfg.cnn_epochs)
+    vae = load_vae(cfg.vae)
+    z = torch.from_numpy(np.concatenate([encode(vae, X[..., :3])[0], encode(vae, X[..., 3:])[0]], 1))  # (N,2Z)
+    z = (z - z[~test].mean(0)) / (z[~test].std(0) + 1e-3)
+    for name, net in (("V's z, MLP", nn.Sequential(nn.Linear(z.shape[1], 256), nn.ReLU(), nn.Linear(256, 256),
+                                                   nn.ReLU(), nn.Linear(256, 1))),
+                      ("V's z, linear", nn.Linear(z.shape[1], 1))):
+        fit(name, net, lambda b: z[b], y, test, cfg.z_epochs)
