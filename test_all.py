@@ -437,13 +437,19 @@ def test_lookahead_ceiling_wins_where_always_up_dies():
     assert np.array_equal(evaluate.play(evaluate.lookahead("easy"), 10, TEST_SEED, "easy")[1], lengths)
 
 
+def load_probe(name):
+    """A probe script of docs/ as a module (docs/ is not a package)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(name, os.path.join(HERE, "docs", name + ".py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_probe_fit_recovers_a_linear_rule_in_c_units():
     """docs/probe_linear_c.py: softmax regression on standardised features, folded back into C's
     raw-unit weights, must act exactly as the standardised model and recover a linear rule."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("probe", os.path.join(HERE, "docs", "probe_linear_c.py"))
-    probe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(probe)
+    probe = load_probe("probe_linear_c")
     g = torch.Generator().manual_seed(0)
     X = torch.randn(2000, 6, generator=g) * torch.tensor([1.0, 5, 0.1, 2, 1, 30]) + 3  # uneven scales, offset
     y = ((X - 3) / torch.tensor([1.0, 5, 0.1, 2, 1, 30]) @ torch.randn(6, 5, generator=g)).argmax(1)
@@ -452,6 +458,18 @@ def test_probe_fit_recovers_a_linear_rule_in_c_units():
     assert weights.shape == (5, 7) and acc > 0.9, acc
     raw = controller.choose(weights, X[~train])  # C's own rule on raw features
     assert acc == pytest.approx((raw == y[~train]).float().mean().item(), abs=2e-3)
+
+
+def test_danger_probe_labels_and_auc():
+    probe = load_probe("probe_danger")
+    cfg = probe.DangerConfig(steps=3000, num_envs=16)
+    X, y = probe.hop_then_wait(cfg)
+    assert X.shape == (len(y), 64, 64, 6) and X.dtype == np.uint8 and len(y) > 20
+    assert 0 < y.mean() < 1 and set(np.unique(y)) <= {0.0, 1.0}
+    assert np.array_equal(probe.hop_then_wait(cfg)[1], y)  # same seed, same data
+    score = np.random.default_rng(0).normal(size=len(y)) + y  # deaths score higher on average
+    pairs = [(a > b) + 0.5 * (a == b) for a in score[y > 0] for b in score[y == 0]]  # brute force
+    assert probe.auc(score, y) == pytest.approx(np.mean(pairs))
 
 
 def test_wilson_and_summarize():
