@@ -470,6 +470,10 @@ def test_danger_probe_labels_and_auc():
     score = np.random.default_rng(0).normal(size=len(y)) + y  # deaths score higher on average
     pairs = [(a > b) + 0.5 * (a == b) for a in score[y > 0] for b in score[y == 0]]  # brute force
     assert probe.auc(score, y) == pytest.approx(np.mean(pairs))
+    safe, deadly = (probe.danger_rule(lambda x, v=v: torch.full((len(x), 1), v), 0.5) for v in (-9.0, 9.0))
+    frames, first = X[:3, ..., :3], np.array([True, False, True])
+    assert (safe.act(frames, first) == collect.ACTIONS[collect.UP]).all()  # not deadly: hop
+    assert (deadly.act(frames, first) == collect.ACTIONS[collect.ACTION_NAMES.index("NONE")]).all()  # wait
 
 
 def test_wilson_and_summarize():
