@@ -22,6 +22,7 @@ import torch
 from tqdm import tqdm
 
 from collect import ACTIONS, MAX_STEPS, UP, cli, fail, make_env
+from danger import load_danger
 from mdnrnn import load_mdnrnn
 from vae import load_vae, save_atomic, to_input
 
@@ -41,7 +42,8 @@ class CConfig:
     sigma0: float = 0.5  # initial CMA-ES step size
     up_bias: float = 0.0  # start the search at "always UP" (UP's bias = up_bias) instead of at zero
     diagonal: int = 1000  # above this many parameters use the diagonal (sep-)CMA, O(n) per step
-    inputs: str = "zh"  # controller inputs: z, zh (Ha's [z, h]) or zhc (adds the LSTM cell state)
+    inputs: str = "zh"  # controller inputs: z, zh (Ha's [z, h]), zhc (adds M's cell state), zhd (adds D's danger)
+    danger: str = ""  # trained D (danger.py), read when --inputs contains d
     eval_every: int = 5  # every this many generations, re-test the CMA mean and the generation's best
     eval_levels: int = 64  # ... on this many fixed validation levels; the better one is kept as "best"
     workers: int = 0  # processes for the fitness rollouts (0 = one per CPU core)
@@ -50,23 +52,25 @@ class CConfig:
 
 
 def n_inputs(inputs, z_dim, hidden):
-    return z_dim + hidden * (len(inputs) - 1)
+    return sum(dict(z=z_dim, h=hidden, c=hidden, d=1)[k] for k in inputs)
 
 
-def features(z, state, inputs):
-    """Controller input: z (n,Z) and the LSTM state (h, c), each (1,n,H) -> (n,D)."""
-    parts = {"z": z, "h": state[0][0], "c": state[1][0]}
+def features(z, state, inputs, danger=None):
+    """Controller input: z (n,Z), the LSTM state (h, c), each (1,n,H), D's logit (n,) -> (n,D)."""
+    parts = {"z": z, "h": state[0][0], "c": state[1][0], "d": None if danger is None else danger[:, None]}
     return torch.cat([parts[k] for k in inputs], -1)  # (n,D)
 
 
 @torch.no_grad()
-def agent_step(vae, mdn, weights, obs, state, inputs):
+def agent_step(vae, mdn, weights, obs, state, inputs, last=None, danger=None):
     """One step of V -> C -> M for a batch of envs.
 
-    obs uint8 (n,64,64,3); weights: see choose(); state (h, c)
-    each (1,n,H) = M's memory of the past. Returns action indices (n,) and the advanced state."""
+    obs uint8 (n,64,64,3); weights: see choose(); state (h, c) each (1,n,H) = M's memory of the
+    past; last (n,64,64,3): the frame before obs, for D (danger) when inputs contain d.
+    Returns action indices (n,) and the advanced state."""
     z = vae.encode(to_input(obs))[0]  # (n,Z): mu, no sampling at control time (as Ha)
-    action = choose(weights, features(z, state, inputs))
+    d = danger(obs, last).clamp(-10, 10) if "d" in inputs else None  # (n,) logit of "UP is deadly"
+    action = choose(weights, features(z, state, inputs, d))
     return action, mdn.advance(z, action, state)
 
 
@@ -78,7 +82,7 @@ def choose(weights, f):
     return scores.argmax(-1)  # sigmoid is monotonic: argmax of the linear scores, as in the seed
 
 
-def rollout(vae, mdn, params, level_seeds, distribution_mode, inputs, max_steps=MAX_STEPS):
+def rollout(vae, mdn, params, level_seeds, distribution_mode, inputs, max_steps=MAX_STEPS, danger=None):
     """Play every candidate of params (P, n_params) once on each level. Returns (P, E) returns and
     the number of agent steps. Each env counts only its first episode; finished envs cost no
     encoder or LSTM work (procgen still steps them, with the no-op, which is cheap)."""
@@ -89,10 +93,12 @@ def rollout(vae, mdn, params, level_seeds, distribution_mode, inputs, max_steps=
     h, c = torch.zeros(1, E * P, H), torch.zeros(1, E * P, H)
     obs = np.concatenate([e.observe()[1]["rgb"] for e in envs])  # (E*P,64,64,3): env k*P+p = candidate p, level k
     alive, ret, steps = np.ones(E * P, dtype=bool), np.zeros(E * P), 0
+    last = obs  # D's "last frame" on the first step is the first frame itself
     for _ in range(max_steps):
         idx = np.flatnonzero(alive)
-        a, (h_new, c_new) = agent_step(vae, mdn, weights[idx], obs[idx], (h[:, idx], c[:, idx]), inputs)
-        h[:, idx], c[:, idx] = h_new, c_new
+        a, (h_new, c_new) = agent_step(vae, mdn, weights[idx], obs[idx], (h[:, idx], c[:, idx]), inputs,
+                                       last[idx], danger)
+        h[:, idx], c[:, idx], last = h_new, c_new, obs
         actions = np.full(E * P, NONE)
         actions[idx] = a.numpy()
         for k, env in enumerate(envs):
@@ -113,13 +119,14 @@ def rollout(vae, mdn, params, level_seeds, distribution_mode, inputs, max_steps=
 _models = {}  # each Pool worker loads V and M once
 
 
-def init_worker(vae_path, mdn_path):
+def init_worker(vae_path, mdn_path, danger_path=""):
     torch.set_num_threads(1)  # one thread per process: the processes are the parallelism
     _models["vae"], _models["mdn"] = load_vae(vae_path), load_mdnrnn(mdn_path)
+    _models["danger"] = load_danger(danger_path) if danger_path else None
 
 
 def rollout_job(job):
-    return rollout(_models["vae"], _models["mdn"], *job)
+    return rollout(_models["vae"], _models["mdn"], *job, danger=_models["danger"])
 
 
 def fitness(pool, params, level_seeds, distribution_mode, inputs, workers, max_steps=MAX_STEPS):
@@ -149,9 +156,11 @@ def train(cfg):
     os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
     if os.path.exists(cfg.out) and not cfg.resume:
         fail(f"--out {cfg.out} exists; pass --resume true to continue it, or choose another path")
-    if cfg.inputs not in ("z", "zh", "zhc"):
-        fail(f"--inputs {cfg.inputs!r}: expected z, zh or zhc")
-    for flag, path in (("--vae", cfg.vae), ("--mdnrnn", cfg.mdnrnn)):
+    if cfg.inputs not in ("z", "zh", "zhc", "zhd"):
+        fail(f"--inputs {cfg.inputs!r}: expected z, zh, zhc or zhd")
+    if ("d" in cfg.inputs) != bool(cfg.danger):
+        fail(f"--inputs {cfg.inputs} with --danger {cfg.danger!r}: d and a D checkpoint go together")
+    for flag, path in (("--vae", cfg.vae), ("--mdnrnn", cfg.mdnrnn)) + ((("--danger", cfg.danger),) if cfg.danger else ()):
         if not os.path.exists(path):
             fail(f"{flag} {path}: no such checkpoint")
     ckpt = torch.load(cfg.out, map_location="cpu", weights_only=True) if cfg.resume and os.path.exists(cfg.out) else None
@@ -165,6 +174,11 @@ def train(cfg):
     opts = dict(popsize=cfg.popsize, seed=cfg.seed + 1, CMA_diagonal=n_params > cfg.diagonal, verbose=-9)
     x0 = np.zeros((len(ACTIONS), n_params // len(ACTIONS)))  # (5,D+1), bias last
     x0[UP, -1] = cfg.up_bias  # a prior the search can leave: UP is the best constant action
+    # Fan-in scaling, as in weight init: each input group (z: 128 numbers, h: 256, d: 1) starts
+    # with the same say in C's scores, so one danger number is not drowned by 384 others.
+    sizes = dict(z=vae.z_dim, h=mdn.hidden, c=mdn.hidden, d=1)
+    stds = np.concatenate([np.full(sizes[k], sizes[k] ** -0.5) for k in cfg.inputs] + [np.ones(1)])  # (D+1,)
+    opts["CMA_stds"] = np.tile(stds, len(ACTIONS))  # (5*(D+1),), the order of x0.ravel()
     es = cma.CMAEvolutionStrategy(x0.ravel(), cfg.sigma0, opts)
     val_levels = np.random.default_rng([cfg.seed, 10**9]).integers(0, 2**31 - 1, cfg.eval_levels)
     gen, best, best_score, env_steps = 0, np.zeros(n_params), -1.0, 0
@@ -178,9 +192,9 @@ def train(cfg):
     log = os.path.splitext(cfg.out)[0] + ".jsonl"
     task = (cfg.distribution_mode, cfg.inputs, workers, cfg.max_steps)
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    pool = ctx.Pool(workers, init_worker, (cfg.vae, cfg.mdnrnn)) if workers > 1 else None
+    pool = ctx.Pool(workers, init_worker, (cfg.vae, cfg.mdnrnn, cfg.danger)) if workers > 1 else None
     if pool is None:
-        init_worker(cfg.vae, cfg.mdnrnn)
+        init_worker(cfg.vae, cfg.mdnrnn, cfg.danger)
     try:
         for gen in tqdm(range(gen, cfg.generations), desc="C (CMA-ES)", unit="gen", initial=gen, total=cfg.generations):
             t0 = time.time()

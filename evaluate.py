@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from collect import ACTION_NAMES, ACTIONS, MAX_STEPS, UP, cli, fail, make_env
 from controller import NONE, agent_step, choose, features, n_inputs
+from danger import load_danger
 from mdnrnn import load_mdnrnn, sample_next
 from vae import encode, load_vae, reconstruction_grid, to_input
 
@@ -44,14 +45,16 @@ class EvalConfig:
 class Agent:
     """V -> C -> M as one policy over a batch of procgen envs (the interface play() expects)."""
 
-    def __init__(self, vae, mdn, params, inputs, distribution_mode):
+    def __init__(self, vae, mdn, params, inputs, distribution_mode, danger=None):
         self.vae, self.mdn, self.inputs, self.distribution_mode = vae, mdn, inputs, distribution_mode
+        self.danger = danger  # D, when C reads it (inputs contain d)
         self.weights = params.float().view(len(ACTIONS), -1)  # (5,D+1), bias last
-        self.state = None
+        self.state = self.last = None
 
     def reset(self, num_envs):
         H = self.mdn.hidden
         self.state = (torch.zeros(1, num_envs, H), torch.zeros(1, num_envs, H))  # (h, c), each (1,N,H)
+        self.last = None
 
     def act(self, obs, first, alive=None):
         """obs uint8 (N,64,64,3), first bool (N,): a new episode starts (its memory is zeroed),
@@ -62,12 +65,17 @@ class Agent:
         h, c = self.state
         reset = torch.as_tensor(np.asarray(first, dtype=bool))
         h[:, reset], c[:, reset] = 0.0, 0.0
+        # D's last frame: on an episode's first step, the first frame itself (as in the rollouts).
+        new = np.asarray(first, dtype=bool)[:, None, None, None] if self.last is not None and len(self.last) == n else True
+        last = np.where(new, obs, self.last if self.last is not None else obs)  # (N,64,64,3)
         idx = np.flatnonzero(np.ones(n, dtype=bool) if alive is None else alive)
         actions = np.full(n, ACTIONS[NONE])
         if len(idx):
-            a, (h_new, c_new) = agent_step(self.vae, self.mdn, self.weights, obs[idx], (h[:, idx], c[:, idx]), self.inputs)
+            a, (h_new, c_new) = agent_step(self.vae, self.mdn, self.weights, obs[idx], (h[:, idx], c[:, idx]),
+                                           self.inputs, last[idx], self.danger)
             h[:, idx], c[:, idx] = h_new, c_new
             actions[idx] = ACTIONS[a.numpy()]
+        self.last = obs
         return actions
 
 
@@ -84,7 +92,13 @@ def load_agent(run_dir):
     if (ckpt["z_dim"], ckpt["hidden"]) != (vae.z_dim, mdn.hidden) or ckpt["params"].numel() != len(ACTIONS) * (D + 1):
         fail(f"{paths['controller']}: trained for z_dim {ckpt['z_dim']}, hidden {ckpt['hidden']}, but "
              f"{paths['vae']} has z_dim {vae.z_dim} and {paths['mdnrnn']} hidden {mdn.hidden}")
-    return Agent(vae, mdn, ckpt["params"], inputs, ckpt["config"]["distribution_mode"])
+    danger = None
+    if "d" in inputs:
+        path = os.path.join(run_dir, "danger.pt")
+        if not os.path.exists(path):
+            fail(f"--run {run_dir}: its controller reads D, but there is no danger.pt (train it with danger.py)")
+        danger = load_danger(path)
+    return Agent(vae, mdn, ckpt["params"], inputs, ckpt["config"]["distribution_mode"], danger)
 
 
 def random_policy(seed):
@@ -231,7 +245,9 @@ def dream(agent, frame, steps=60, tau=1.15, seed=0):
     state = (torch.zeros(1, 1, agent.mdn.hidden), torch.zeros(1, 1, agent.mdn.hidden))
     zs, actions, wins = [z], [], []
     for _ in range(steps):
-        a = choose(agent.weights, features(z, state, agent.inputs))  # (1,): C on M's z, no frame to encode
+        # D, if C reads it, looks at V's pictures of the dream: the decoded z and the one before.
+        d = agent.danger(decode(agent.vae, z), decode(agent.vae, zs[-2 if len(zs) > 1 else -1])) if agent.danger else None
+        a = choose(agent.weights, features(z, state, agent.inputs, d))  # (1,): C on M's z, no frame to encode
         mix, r_logit, d_logit, state = agent.mdn.step(z, a, state)
         z, win, done = sample_next(*mix, r_logit, d_logit, tau)
         zs, actions, wins = zs + [z], actions + [int(a)], wins + [bool(win)]
@@ -254,12 +270,13 @@ def read_jsonl(path):
 
 
 def curves_png(run_dir, path):
-    """Learning curves of V, M and C from their .jsonl logs; a missing log is skipped."""
+    """Learning curves of V, M, D and C from their .jsonl logs; a missing log is skipped."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     panels = [("vae", "epoch", ["loss", "recon", "test_sq_err"], ["kl"], "V: summed squared error / KL"),
               ("mdnrnn", "epoch", ["nll", "test_nll"], ["reward_bce", "done_bce"], "M: z NLL / reward, done BCE"),
+              ("danger", "epoch", ["test_auc"], ["bce"], "D: held-out AUC / BCE"),
               ("controller", "generation", ["best", "mean", "val_mean"], [], "C: return (CMA-ES)")]
     logs = {name: os.path.join(run_dir, name + ".jsonl") for name, *_ in panels}
     panels = [(read_jsonl(logs[name]), *rest) for name, *rest in panels if os.path.exists(logs[name])]

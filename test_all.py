@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 import collect
 import controller
+import danger
 import evaluate
 import mdnrnn
 import vae
@@ -460,18 +461,10 @@ def test_probe_fit_recovers_a_linear_rule_in_c_units():
     assert acc == pytest.approx((raw == y[~train]).float().mean().item(), abs=2e-3)
 
 
-def test_danger_probe_labels_and_auc():
+def test_danger_probe_rule_waits_when_told():
     probe = load_probe("probe_danger")
-    cfg = probe.DangerConfig(steps=3000, num_envs=16)
-    X, y = probe.hop_then_wait(cfg)
-    assert X.shape == (len(y), 64, 64, 6) and X.dtype == np.uint8 and len(y) > 20
-    assert 0 < y.mean() < 1 and set(np.unique(y)) <= {0.0, 1.0}
-    assert np.array_equal(probe.hop_then_wait(cfg)[1], y)  # same seed, same data
-    score = np.random.default_rng(0).normal(size=len(y)) + y  # deaths score higher on average
-    pairs = [(a > b) + 0.5 * (a == b) for a in score[y > 0] for b in score[y == 0]]  # brute force
-    assert probe.auc(score, y) == pytest.approx(np.mean(pairs))
+    frames, first = np.zeros((3, 64, 64, 3), np.uint8), np.array([True, False, True])
     safe, deadly = (probe.danger_rule(lambda x, v=v: torch.full((len(x), 1), v), 0.5) for v in (-9.0, 9.0))
-    frames, first = X[:3, ..., :3], np.array([True, False, True])
     assert (safe.act(frames, first) == collect.ACTIONS[collect.UP]).all()  # not deadly: hop
     assert (deadly.act(frames, first) == collect.ACTIONS[collect.ACTION_NAMES.index("NONE")]).all()  # wait
 
@@ -511,16 +504,72 @@ def test_pretrained_agents_load_and_play(one_torch_thread):
         assert sum(os.path.getsize(os.path.join(run, f)) for f in os.listdir(run)) < 12e6
 
 
+# ---------------------------------------------------------------- danger.py
+
+def test_hop_then_wait_labels_and_auc():
+    X, y = danger.hop_then_wait("easy", 3000, 16, seed=0)
+    assert X.shape == (len(y), 64, 64, 6) and X.dtype == np.uint8 and len(y) > 20
+    assert 0 < y.mean() < 1 and set(np.unique(y)) <= {0.0, 1.0}
+    assert np.array_equal(danger.hop_then_wait("easy", 3000, 16, seed=0)[1], y)  # same seed, same data
+    score = np.random.default_rng(0).normal(size=len(y)) + y  # deaths score higher on average
+    pairs = [(a > b) + 0.5 * (a == b) for a in score[y > 0] for b in score[y == 0]]  # brute force
+    assert danger.auc(score, y) == pytest.approx(np.mean(pairs))
+
+
+def test_danger_trains_saves_and_refuses_to_overwrite(tmp_path):
+    cfg = danger.DangerConfig(out=str(tmp_path / "danger.pt"), steps=4096, num_envs=32, epochs=2)
+    model = danger.train(cfg)
+    ckpt = torch.load(cfg.out, weights_only=True)
+    assert ckpt["env_steps"] == 4096 and ckpt["config"]["epochs"] == 2 and 0 <= ckpt["test_auc"] <= 1
+    frames = np.random.default_rng(0).integers(0, 256, (5, 64, 64, 3), dtype=np.uint8)
+    with torch.no_grad():
+        assert torch.equal(danger.load_danger(cfg.out)(frames, frames[::-1].copy()), model(frames, frames[::-1].copy()))
+    assert len(open(tmp_path / "danger.jsonl").read().splitlines()) == 2
+    with pytest.raises(SystemExit) as e:
+        danger.train(cfg)
+    assert "exists" in str(e.value)
+
+
+def test_c_reads_d(tiny_run, tmp_path, one_torch_thread):
+    """C on zhd: the only weight on d says "wait when D says deadly". A D that always says deadly
+    makes the frog stand until the cap; one that never does makes it always-UP."""
+    v, m = vae.load_vae(str(tiny_run / "vae.pt")), mdnrnn.load_mdnrnn(str(tiny_run / "mdnrnn.pt"))
+    D = controller.n_inputs("zhd", 8, 16)
+    w = np.zeros((5, D + 1))
+    w[collect.UP, -1], w[collect.UP, -2] = 1.0, -1.0  # UP's score: 1 - d; the others 0
+    levels = controller.level_draw(3, 0, 6)
+    for bias, expect_moves in ((20.0, False), (-20.0, True)):
+        d = danger.DangerNet()
+        torch.nn.init.zeros_(d.net[-1].weight)
+        torch.nn.init.constant_(d.net[-1].bias, bias)  # logit of "deadly", whatever the frames
+        returns, steps = controller.rollout(v, m, w.ravel()[None], levels, "easy", "zhd", max_steps=40, danger=d)
+        up, up_steps = controller.rollout(v, m, up_params(D)[None], levels, "easy", "zhd", max_steps=40, danger=d)
+        if expect_moves:
+            assert np.array_equal(returns, up) and steps == up_steps
+        else:
+            assert steps == 40 * len(levels) and (returns == 0).all()  # stood still on every level
+
+
 # ---------------------------------------------------------------- train.py
+
+def test_d_and_its_input_go_together(tmp_path):
+    import train
+    with pytest.raises(SystemExit) as e:  # C would read a D that no stage trains
+        train.run(train.parse_args(["--preset", "tiny", "--out", str(tmp_path / "r"), "--danger-steps", "0"]))
+    assert "--danger-steps 0" in str(e.value) and not os.path.exists(tmp_path / "r")
+    with pytest.raises(SystemExit) as e:
+        controller.train(CConfig(out=str(tmp_path / "c.pt"), inputs="zhd"))
+    assert str(e.value).startswith("error: --inputs zhd") and "\n" not in str(e.value)
+
 
 def test_train_tiny_end_to_end_then_skips(tmp_path):
     out = tmp_path / "run"
     r = run_cli("train.py", "--preset", "tiny", "--out", str(out), "--eval-episodes", "40")
     assert r.returncode == 0, r.stderr[-3000:]
-    for name in ("data", "vae.pt", "vae.png", "latents", "mdnrnn.pt", "controller.pt", "summary.json",
-                 "vae.jsonl", "mdnrnn.jsonl", "controller.jsonl"):
+    for name in ("data", "vae.pt", "vae.png", "latents", "mdnrnn.pt", "danger.pt", "controller.pt", "summary.json",
+                 "vae.jsonl", "mdnrnn.jsonl", "danger.jsonl", "controller.jsonl"):
         assert os.path.exists(out / name), name
-    mtimes = {p: os.path.getmtime(out / p) for p in ("vae.pt", "mdnrnn.pt", "controller.pt")}
+    mtimes = {p: os.path.getmtime(out / p) for p in ("vae.pt", "mdnrnn.pt", "danger.pt", "controller.pt")}
     again = run_cli("train.py", "--preset", "tiny", "--out", str(out), "--eval-episodes", "0",
                     "--export", str(tmp_path / "exported"))
     assert again.returncode == 0, again.stderr[-3000:]
@@ -528,6 +577,8 @@ def test_train_tiny_end_to_end_then_skips(tmp_path):
     assert all(os.path.getmtime(out / p) == t for p, t in mtimes.items())
     summary = json.load(open(out / "summary.json"))  # from the tested first run, not the resume
     assert summary["collect_env_steps"] > 0 and summary["test"]["agent"]["episodes"] == 40
+    assert summary["danger_env_steps"] == 4096 and summary["env_steps"] == (
+        summary["collect_env_steps"] + summary["danger_env_steps"] + summary["controller_env_steps"])
     assert f"collection {summary['collect_env_steps']:,} " in again.stdout  # the resume still counts them
     for p in mtimes:  # float16 weights, no optimizer or CMA state: smaller, and the agent still loads
         assert os.path.getsize(tmp_path / "exported" / p) < os.path.getsize(out / p)

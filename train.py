@@ -1,6 +1,7 @@
 """The whole World Models pipeline in one command (Ha & Schmidhuber 2018, section 3's recipe):
-collect random rollouts -> train V -> encode them and train M -> evolve C with CMA-ES, then
-test the agent on held-out levels next to the random and always-UP baselines.
+collect random rollouts -> train V -> encode them and train M -> train D, a danger head, on
+hop-then-wait play (our addition) -> evolve C with CMA-ES, then test the agent on held-out levels
+next to the random and always-UP baselines.
 
     python train.py                                   # default preset, easy mode, runs/easy-default
     python train.py --preset tiny --out /tmp/tiny     # the whole pipeline in a few minutes
@@ -20,6 +21,7 @@ import torch
 
 import collect
 import controller
+import danger
 import evaluate
 import mdnrnn
 import vae
@@ -41,13 +43,15 @@ class TrainConfig:
     hidden: int = 256  # M's LSTM units
     gaussians: int = 5  # M's mixture components per latent dim
     mdn_epochs: int = 10  # passes of M over the sequences
-    generations: int = 40  # CMA-ES generations
+    danger_steps: int = 400_000  # env steps of hop-then-wait play that D learns from (0: no D)
+    danger_epochs: int = 8  # passes of D over the recorded UPs
+    generations: int = 30  # CMA-ES generations
     popsize: int = 32  # CMA-ES candidates per generation
     levels: int = 16  # episodes per candidate per generation (common levels)
     max_steps: int = 250  # fitness episodes stop here (the held-out test plays the game's full 500)
     sigma0: float = 0.5  # CMA-ES initial step size
     up_bias: float = 0.0  # CMA-ES starts at "always UP" with this bias on UP (0: starts at zero)
-    inputs: str = "zh"  # controller inputs: z, zh or zhc
+    inputs: str = "zhd"  # controller inputs: z, zh, zhc, or zhd ([z, h] and D's danger; needs danger_steps)
     eval_every: int = 5  # generations between re-tests of the CMA mean and best
     eval_levels: int = 64  # levels of those re-tests
     workers: int = 0  # rollout processes (0 = one per core)
@@ -56,11 +60,11 @@ class TrainConfig:
 
 
 PRESETS = {
-    "tiny": dict(episodes=64, z_dim=64, vae_epochs=1, hidden=32, gaussians=2, mdn_epochs=2, generations=2, popsize=4,
-                 levels=2, eval_every=1, eval_levels=4, eval_episodes=64),
+    "tiny": dict(episodes=64, z_dim=64, vae_epochs=1, hidden=32, gaussians=2, mdn_epochs=2, danger_steps=4096,
+                 danger_epochs=1, generations=2, popsize=4, levels=2, eval_every=1, eval_levels=4, eval_episodes=64),
     "default": {},
     "paper": dict(episodes=10000, z_dim=512, spatial=False, vae_epochs=10, hidden=1024, gaussians=16, mdn_epochs=45,
-                  generations=100, popsize=30, levels=30),
+                  danger_steps=0, inputs="zh", generations=100, popsize=30, levels=30),
 }
 
 
@@ -74,11 +78,14 @@ def parse_args(argv=None):
 
 
 def export(run_dir, dest):
-    """The three checkpoints without optimizer or CMA state, weights in float16: a few MB that
+    """The checkpoints without optimizer or CMA state, weights in float16: a few MB that
     evaluate.py --run DEST plays as it is (the loaders cast back to float32)."""
     os.makedirs(dest)  # never into an existing dir (run() refuses one before training)
     half = lambda sd: {k: v.half() if v.is_floating_point() else v for k, v in sd.items()}
-    for name, drop in (("vae.pt", ("optimizer",)), ("mdnrnn.pt", ("optimizer",)), ("controller.pt", ("cma_state",))):
+    for name, drop in (("vae.pt", ("optimizer",)), ("mdnrnn.pt", ("optimizer",)), ("danger.pt", ()),
+                       ("controller.pt", ("cma_state",))):
+        if not os.path.exists(os.path.join(run_dir, name)):
+            continue  # a run without D
         ckpt = {k: v for k, v in torch.load(os.path.join(run_dir, name), weights_only=True).items() if k not in drop}
         if "model" in ckpt:
             ckpt["model"] = half(ckpt["model"])
@@ -89,6 +96,8 @@ def export(run_dir, dest):
 def run(cfg):
     if cfg.export and os.path.exists(cfg.export):
         collect.fail(f"--export {cfg.export} exists; choose a new directory")
+    if ("d" in cfg.inputs) != (cfg.danger_steps > 0):
+        collect.fail(f"--inputs {cfg.inputs} with --danger-steps {cfg.danger_steps}: C reads D (d) exactly when D is trained")
     t0 = time.time()
     os.makedirs(cfg.out, exist_ok=True)
     path = lambda name: os.path.join(cfg.out, name)
@@ -97,7 +106,7 @@ def run(cfg):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     print(f"run dir {cfg.out}, preset {cfg.preset}, {cfg.distribution_mode} mode, V and M on {device}")
 
-    print("== 1/4 collect random rollouts")
+    print("== 1/5 collect random rollouts")
     c = collect.collect(collect.CollectConfig(out=path("data"), episodes=cfg.episodes, seed=cfg.seed,
                                               distribution_mode=cfg.distribution_mode, up_prob=cfg.up_prob))
     if c["env_steps"]:  # a skipped collection reports 0 steps: keep the numbers of the one that ran
@@ -106,14 +115,20 @@ def run(cfg):
     elif os.path.exists(path("collect.json")):
         with open(path("collect.json")) as f:
             c = json.load(f)
-    print("== 2/4 train V")
+    print("== 2/5 train V")
     vae.train(vae.VAEConfig(data=path("data"), out=path("vae.pt"), z_dim=cfg.z_dim, spatial=cfg.spatial, epochs=cfg.vae_epochs,
                             fg_weight=cfg.fg_weight, kl_tolerance=cfg.kl_tolerance, seed=cfg.seed, resume=True))
-    print("== 3/4 encode and train M")
+    print("== 3/5 encode and train M")
     mdnrnn.train(mdnrnn.MDNConfig(data=path("data"), vae=path("vae.pt"), out=path("mdnrnn.pt"), hidden=cfg.hidden,
                                   gaussians=cfg.gaussians, epochs=cfg.mdn_epochs, seed=cfg.seed, resume=True))
-    print("== 4/4 evolve C")
+    print("== 4/5 train D on hop-then-wait play" if cfg.danger_steps else "== 4/5 no D (--danger-steps 0)")
+    if cfg.danger_steps and not os.path.exists(path("danger.pt")):  # D has no resume: minutes, all or nothing
+        danger.train(danger.DangerConfig(out=path("danger.pt"), distribution_mode=cfg.distribution_mode,
+                                         steps=cfg.danger_steps, epochs=cfg.danger_epochs, seed=cfg.seed))
+    d_steps = torch.load(path("danger.pt"), weights_only=True)["env_steps"] if cfg.danger_steps else 0
+    print("== 5/5 evolve C")
     ccfg = controller.CConfig(vae=path("vae.pt"), mdnrnn=path("mdnrnn.pt"), out=path("controller.pt"),
+                              danger=path("danger.pt") if cfg.danger_steps else "",
                               distribution_mode=cfg.distribution_mode, generations=cfg.generations,
                               popsize=cfg.popsize, levels=cfg.levels, max_steps=cfg.max_steps, sigma0=cfg.sigma0, up_bias=cfg.up_bias, inputs=cfg.inputs,
                               eval_every=cfg.eval_every, eval_levels=cfg.eval_levels, workers=cfg.workers,
@@ -121,9 +136,10 @@ def run(cfg):
     controller.train(ccfg)
     c_steps = torch.load(path("controller.pt"), weights_only=True)["env_steps"]
     summary = dict(run=cfg.out, minutes=(time.time() - t0) / 60, collect_env_steps=c["env_steps"],
-                   controller_env_steps=int(c_steps))
-    print(f"trained in {summary['minutes']:.1f} min; real env steps: collection {c['env_steps']:,} "
-          f"+ fitness rollouts {int(c_steps):,}")
+                   danger_env_steps=int(d_steps), controller_env_steps=int(c_steps),
+                   env_steps=int(c["env_steps"] + d_steps + c_steps))
+    print(f"trained in {summary['minutes']:.1f} min; real env steps: collection {c['env_steps']:,} + D's play "
+          f"{int(d_steps):,} + fitness rollouts {int(c_steps):,} = {summary['env_steps']:,}")
     if cfg.eval_episodes:  # summary.json holds the last run that was tested; an untested resume keeps it
         print(f"== held-out test: {cfg.eval_episodes} episodes on levels training never used")
         summary["test"] = evaluate.main(evaluate.EvalConfig(run=cfg.out, episodes=cfg.eval_episodes))

@@ -1,0 +1,139 @@
+"""D: a danger head, P(this UP is deadly | this frame, the last frame), for C to read.
+
+Not in Ha & Schmidhuber: it plays the part of M's done head (the Doom experiment, section 4), which
+cannot learn leaper's deaths here. Random play labels a death blurrily (did the frog die of this hop
+or of the next?) and V's z blurs the frog and the cars; the done head stays at chance. D is trained
+on "hop, then wait" play instead (a move, then 5-12 no-ops, so a death before the next move belongs
+to that move), from the pixels of two frames (the cars' speeds need two). See the README: "Why C
+stops at always-UP" for the measurements that led here.
+
+    python danger.py --out runs/danger.pt --steps 400000
+"""
+import dataclasses
+import json
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from collect import ACTION_NAMES, ACTIONS, cli, fail, make_env
+from vae import save_atomic
+
+UP, NONE = ACTION_NAMES.index("UP"), ACTION_NAMES.index("NONE")
+MOVE_PROBS = [0.1, 0.05, 0.15, 0.6, 0.1]  # LEFT, DOWN, NONE, UP, RIGHT: mostly UP, to reach the river
+
+
+@dataclass
+class DangerConfig:
+    out: str = "runs/danger.pt"  # checkpoint; a .jsonl log goes beside it
+    distribution_mode: str = "easy"  # procgen difficulty
+    steps: int = 400_000  # env steps of hop-then-wait play (counted in the run's env steps)
+    num_envs: int = 256  # envs stepped together
+    epochs: int = 8  # passes over the recorded UPs
+    batch_size: int = 128  # UPs per gradient step
+    lr: float = 1e-3  # Adam learning rate
+    holdout: int = 10  # every holdout-th UP is kept out of training, for the test AUC
+    seed: int = 0  # seeds the levels, the play and torch
+
+
+class DangerNet(nn.Module):
+    """(this frame, last frame) uint8 (B,64,64,3) each -> the logit of "this UP is deadly" (B,)."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(  # (B,6,64,64) -> (B,1)
+            nn.Conv2d(6, 32, 4, 2, 1), nn.ReLU(), nn.Conv2d(32, 64, 4, 2, 1), nn.ReLU(),
+            nn.Conv2d(64, 64, 4, 2, 1), nn.ReLU(), nn.Flatten(), nn.Linear(64 * 8 * 8, 256), nn.ReLU(),
+            nn.Linear(256, 1))
+
+    def forward(self, obs, last):
+        x = torch.cat([torch.as_tensor(obs), torch.as_tensor(last)], -1)  # (B,64,64,6)
+        return self.net(x.permute(0, 3, 1, 2).float().div(255))[:, 0]  # (B,6,64,64) -> (B,)
+
+
+def hop_then_wait(distribution_mode, steps, num_envs, seed):
+    """Every UP of hop-then-wait play: (this frame, last frame) uint8 (N,64,64,6) and died (N,)."""
+    env = make_env(num_envs, distribution_mode, seed=seed)
+    rng, n = np.random.default_rng(seed), num_envs
+    obs = env.observe()[1]["rgb"]
+    last, wait, pending = obs.copy(), np.zeros(n, dtype=int), [None] * n  # pending: env i's open UP
+    X, Y = [], []
+    for _ in tqdm(range(steps // n), desc="hop-then-wait", unit="step"):
+        move = wait == 0  # (n,) envs that choose a new move now
+        a = np.where(move, rng.choice(len(ACTIONS), size=n, p=MOVE_PROBS), NONE)
+        for i in np.flatnonzero(move):
+            if pending[i] is not None:  # its last UP survived until this move
+                X.append(pending[i])
+                Y.append(0.0)
+            pending[i] = np.concatenate([obs[i], last[i]], -1) if a[i] == UP else None  # (64,64,6)
+        wait = np.where(move, rng.integers(5, 13, size=n), wait - 1)
+        env.act(ACTIONS[a])
+        rew, new, first = env.observe()
+        for i in np.flatnonzero(first):  # CRUCIAL: procgen auto-resets; new[i] is the next level
+            if pending[i] is not None:
+                X.append(pending[i])
+                Y.append(float(rew[i] <= 0))  # the episode ended without the prize: the UP killed
+            pending[i], wait[i] = None, 0
+        last, obs = np.where(first[:, None, None, None], new["rgb"], obs), new["rgb"]
+    return np.stack(X), np.array(Y, dtype=np.float32)
+
+
+def auc(score, y):
+    """Area under the ROC curve by ranks: P(score of a death > score of a survival)."""
+    rank = np.empty(len(score))
+    rank[np.argsort(score)] = np.arange(len(score))
+    pos = y > 0
+    return float((rank[pos].mean() - (pos.sum() - 1) / 2) / max((~pos).sum(), 1))
+
+
+def train(cfg):
+    os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
+    if os.path.exists(cfg.out):
+        fail(f"--out {cfg.out} exists; choose another path (D trains in minutes, there is no resume)")
+    torch.manual_seed(cfg.seed)  # seeding, in one place: the play (levels, moves), weights, shuffling
+    X, y = hop_then_wait(cfg.distribution_mode, cfg.steps, cfg.num_envs, cfg.seed)
+    test = np.arange(len(y)) % cfg.holdout == cfg.holdout - 1 if cfg.holdout > 0 else np.zeros(len(y), bool)
+    train_idx, test_idx = np.flatnonzero(~test), np.flatnonzero(test)
+    print(f"D: {cfg.steps} env steps of hop-then-wait, {len(y)} UPs ({y.mean():.1%} deadly), {len(test_idx)} held out")
+    model = DangerNet()
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    log = os.path.splitext(cfg.out)[0] + ".jsonl"
+    score = lambda idx: torch.cat([model(X[b, ..., :3], X[b, ..., 3:]) for b in np.array_split(idx, max(len(idx) // 512, 1))])
+    for epoch in range(cfg.epochs):
+        t0, total = time.time(), 0.0
+        perm = np.random.default_rng([cfg.seed, epoch]).permutation(train_idx)
+        model.train()
+        for i in tqdm(range(0, len(perm), cfg.batch_size), desc=f"D epoch {epoch + 1}/{cfg.epochs}", unit="batch"):
+            b = perm[i:i + cfg.batch_size]
+            loss = F.binary_cross_entropy_with_logits(model(X[b, ..., :3], X[b, ..., 3:]), torch.from_numpy(y[b]))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(b)
+        model.eval()
+        with torch.no_grad():
+            test_auc = auc(score(test_idx).numpy(), y[test_idx]) if len(test_idx) else float("nan")
+        row = dict(epoch=epoch + 1, bce=total / len(perm), test_auc=test_auc, ups_per_s=len(perm) / (time.time() - t0))
+        print("D " + " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+        with open(log, "a") as f:
+            f.write(json.dumps(row) + "\n")
+    save_atomic(dict(model=model.state_dict(), config=dataclasses.asdict(cfg), epoch=cfg.epochs,
+                     env_steps=(cfg.steps // cfg.num_envs) * cfg.num_envs, test_auc=test_auc), cfg.out)
+    return model.eval()
+
+
+def load_danger(path):
+    """Rebuild D from its checkpoint alone."""
+    model = DangerNet()
+    model.load_state_dict({k: v.float() for k, v in torch.load(path, map_location="cpu", weights_only=True)["model"].items()})
+    return model.eval()
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(os.cpu_count() or 1)
+    train(cli(DangerConfig))
