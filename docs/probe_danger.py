@@ -7,7 +7,8 @@ next move belongs to that move. Each UP is labelled "died before the next move",
 are trained on (this frame, last frame) -> label: a small CNN on the pixels, and an MLP and a
 linear layer on V's z of both frames. Held-out AUC (0.5 = chance, 1 = perfect) after each epoch.
 Then the CNN plays held-out levels with a hand rule, "UP unless the CNN says this UP is deadly",
-beside always-UP: what such a danger feature would be worth to a controller.
+beside always-UP: what such a danger feature would be worth to a controller. This probe led to D
+(danger.py), whose play and CNN it now uses.
 
     python docs/probe_danger.py --vae runs/easy-default/vae.pt --steps 400000
 """
@@ -23,11 +24,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo's modules
-from collect import ACTION_NAMES, ACTIONS, cli, make_env  # noqa: E402
+from collect import ACTIONS, cli  # noqa: E402
+from danger import NONE, UP, DangerNet, auc, hop_then_wait  # noqa: E402
 from evaluate import always_up, play, summarize  # noqa: E402
 from vae import encode, load_vae  # noqa: E402
-
-UP, NONE = ACTION_NAMES.index("UP"), ACTION_NAMES.index("NONE")
 
 
 @dataclass
@@ -40,39 +40,6 @@ class DangerConfig:
     z_epochs: int = 30  # passes of the classifiers on z
     test_episodes: int = 200  # held-out levels (the evaluation seed) for the hand rule and always-UP
     seed: int = 0  # seeds the levels, the policy and torch
-
-
-def hop_then_wait(cfg):
-    """Every UP of "hop, then wait" play: (this frame, last frame) uint8 (N,64,64,6), died (N,)."""
-    env = make_env(cfg.num_envs, cfg.distribution_mode, seed=cfg.seed)
-    rng, n = np.random.default_rng(cfg.seed), cfg.num_envs
-    obs = env.observe()[1]["rgb"]
-    last, wait, pending = obs.copy(), np.zeros(n, dtype=int), [None] * n  # pending: env i's last UP
-    X, Y = [], []
-    for _ in range(cfg.steps // n):
-        move = wait == 0  # (n,) envs that choose a new move now
-        a = np.where(move, rng.choice(len(ACTIONS), size=n, p=[0.1, 0.05, 0.15, 0.6, 0.1]), NONE)
-        for i in np.flatnonzero(move):
-            if pending[i] is not None:  # its last UP survived until this move
-                X.append(pending[i]), Y.append(0.0)
-            pending[i] = np.concatenate([obs[i], last[i]], -1) if a[i] == UP else None  # (64,64,6)
-        wait = np.where(move, rng.integers(5, 13, size=n), wait - 1)
-        env.act(ACTIONS[a])
-        rew, new, first = env.observe()
-        for i in np.flatnonzero(first):  # CRUCIAL: procgen auto-resets; new[i] is the next level
-            if pending[i] is not None:
-                X.append(pending[i]), Y.append(float(rew[i] <= 0))  # ended without the prize: died
-            pending[i], wait[i] = None, 0
-        last, obs = np.where(first[:, None, None, None], new["rgb"], obs), new["rgb"]
-    return np.stack(X), np.array(Y, dtype=np.float32)
-
-
-def auc(score, y):
-    """Area under the ROC curve by ranks: P(score of a death > score of a survival)."""
-    rank = np.empty(len(score))
-    rank[np.argsort(score)] = np.arange(len(score))
-    pos = y > 0
-    return (rank[pos].mean() - (pos.sum() - 1) / 2) / (~pos).sum()
 
 
 def fit(name, net, inputs, y, test, epochs, batch_size=128):
@@ -111,12 +78,10 @@ if __name__ == "__main__":
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.set_num_threads(os.cpu_count() or 1)
-    X, y = hop_then_wait(cfg)
+    X, y = hop_then_wait(cfg.distribution_mode, cfg.steps, cfg.num_envs, cfg.seed)
     print(f"{cfg.steps} steps of hop-then-wait: {len(y)} UPs, {y.mean():.1%} of them deadly")
     test = np.arange(len(y)) % 10 == 9
-    cnn = nn.Sequential(  # (B,6,64,64) -> (B,1)
-        nn.Conv2d(6, 32, 4, 2, 1), nn.ReLU(), nn.Conv2d(32, 64, 4, 2, 1), nn.ReLU(),
-        nn.Conv2d(64, 64, 4, 2, 1), nn.ReLU(), nn.Flatten(), nn.Linear(64 * 8 * 8, 256), nn.ReLU(), nn.Linear(256, 1))
+    cnn = DangerNet().net  # the CNN of danger.py: (B,6,64,64) -> (B,1)
     fit("pixels, CNN", cnn, lambda b: torch.from_numpy(X[b]).permute(0, 3, 1, 2).float() / 255, y, test, cfg.cnn_epochs)
     cnn.eval()
     test_seed, mode = 1_000_003, cfg.distribution_mode
