@@ -160,7 +160,7 @@ def train(cfg):
         fail(f"--inputs {cfg.inputs!r}: expected z, zh, zhc or zhd")
     if ("d" in cfg.inputs) != bool(cfg.danger):
         fail(f"--inputs {cfg.inputs} with --danger {cfg.danger!r}: d and a D checkpoint go together")
-    for flag, path in (("--vae", cfg.vae), ("--mdnrnn", cfg.mdnrnn)) + ((("--danger", cfg.danger),) if cfg.danger else ()):
+    for flag, path in [("--vae", cfg.vae), ("--mdnrnn", cfg.mdnrnn)] + ([("--danger", cfg.danger)] if cfg.danger else []):
         if not os.path.exists(path):
             fail(f"{flag} {path}: no such checkpoint")
     ckpt = torch.load(cfg.out, map_location="cpu", weights_only=True) if cfg.resume and os.path.exists(cfg.out) else None

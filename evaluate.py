@@ -66,8 +66,8 @@ class Agent:
         reset = torch.as_tensor(np.asarray(first, dtype=bool))
         h[:, reset], c[:, reset] = 0.0, 0.0
         # D's last frame: on an episode's first step, the first frame itself (as in the rollouts).
-        new = np.asarray(first, dtype=bool)[:, None, None, None] if self.last is not None and len(self.last) == n else True
-        last = np.where(new, obs, self.last if self.last is not None else obs)  # (N,64,64,3)
+        prev = obs if self.last is None or len(self.last) != n else self.last
+        last = np.where(np.asarray(first, dtype=bool)[:, None, None, None], obs, prev)  # (N,64,64,3)
         idx = np.flatnonzero(np.ones(n, dtype=bool) if alive is None else alive)
         actions = np.full(n, ACTIONS[NONE])
         if len(idx):
