@@ -51,7 +51,7 @@ class CollectConfig:
     num_envs: int = 64  # envs stepped together (one C++ call); keep it fixed when resuming
     up_prob: float = 0.4  # probability that a new random action is UP (uniform: 0.2)
     max_repeat: int = 6  # each random action is held for 1..max_repeat steps
-    compress: bool = True  # zlib-compress the .npz files (10x smaller, but zlib caps the speed)
+    compress: bool = True  # zlib-compress the .npz files (~10x smaller, but zlib caps the speed)
 
 
 def cli(cls, argv=None, defaults=None):
@@ -81,6 +81,16 @@ def write_atomic(path, save, **arrays):
     with open(tmp, "wb") as f:
         save(f, **arrays)
     os.replace(tmp, path)
+
+
+def savez(f, compress, **arrays):
+    """np.savez with zlib level 1: 2-3x faster than np.savez_compressed (level 6) on these frames,
+    for files ~1.5x larger (measured: 20k against 7k frames/s). np.load reads both."""
+    mode = zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED
+    with zipfile.ZipFile(f, "w", mode, compresslevel=1) as z:
+        for name, a in arrays.items():
+            with z.open(name + ".npy", "w", force_zip64=True) as g:
+                np.lib.format.write_array(g, np.asarray(a))
 
 
 def load_episode(path):
@@ -140,8 +150,9 @@ def collect(cfg):
     # Seeding, in one place: procgen's level stream and the random policy both come from cfg.seed.
     env = make_env(cfg.num_envs, cfg.distribution_mode, seed=cfg.seed)
     act = random_policy(np.random.default_rng(cfg.seed), cfg.num_envs, cfg.up_prob, cfg.max_repeat)
-    save = np.savez_compressed if cfg.compress else np.savez
-    buf = [dict(obs=[], action=[], reward=[]) for _ in range(cfg.num_envs)]
+    # One entry per step for all envs at once (no per-env work while stepping); an episode is cut
+    # out of it when it ends. history[0] is step `base`; env i's running episode began at start[i].
+    history, base, start = [], 0, np.zeros(cfg.num_envs, dtype=np.int64)
     t0, finished, steps, frames, wins = time.time(), 0, 0, 0, 0
     _, obs, _ = env.observe()
     # zlib releases the GIL: compressing in a thread overlaps with stepping procgen.
@@ -149,28 +160,28 @@ def collect(cfg):
         while finished < cfg.episodes:
             a = act()  # (N,) action indices
             env.act(ACTIONS[a])
-            for i, ep in enumerate(buf):
-                ep["obs"].append(obs["rgb"][i])  # procgen returns a fresh array every step: no copy
-                ep["action"].append(a[i])
-            rew, obs, first = env.observe()
-            steps += cfg.num_envs
-            for i in range(cfg.num_envs):
-                buf[i]["reward"].append(rew[i])
-                if not first[i]:
-                    continue
-                # CRUCIAL: procgen auto-resets. When first[i] is set, obs[i] is already the first
-                # frame of the NEXT level and rew[i] is the last reward of the episode that ended.
-                ep, buf[i] = buf[i], dict(obs=[], action=[], reward=[])
+            rew, next_obs, first = env.observe()
+            history.append((obs["rgb"], a, rew))  # procgen returns fresh arrays every step: no copy
+            obs, steps = next_obs, steps + cfg.num_envs
+            # CRUCIAL: procgen auto-resets. When first[i] is set, obs[i] is already the first frame
+            # of the NEXT level and rew[i] is the last reward of the episode that ended.
+            for i in np.flatnonzero(first):
+                ep = history[start[i] - base:]  # the steps of env i's episode
+                start[i] = base + len(history)
                 if finished in missing:
-                    T = len(ep["action"])
-                    reward, done = np.array(ep["reward"], dtype=np.float32), np.arange(T) == T - 1
-                    writer.submit(write_atomic, episode_path(cfg.out, finished), save, obs=np.stack(ep["obs"]),
-                                  action=np.array(ep["action"], dtype=np.int8), reward=reward, done=done)
+                    T = len(ep)
+                    reward, done = np.array([r[i] for _, _, r in ep], dtype=np.float32), np.arange(T) == T - 1
+                    writer.submit(write_atomic, episode_path(cfg.out, finished), savez, compress=cfg.compress,
+                                  obs=np.stack([o[i] for o, _, _ in ep]),  # (T,64,64,3)
+                                  action=np.array([x[i] for _, x, _ in ep], dtype=np.int8), reward=reward, done=done)
                     frames, wins = frames + T, wins + (reward[-1] > 0)
                     bar.update(1)
                 finished += 1
                 if finished == cfg.episodes:
                     break
+            drop = start.min() - base  # steps that no running episode needs any more
+            del history[:drop]
+            base += drop
     dt = time.time() - t0
     n = len(missing)
     print(f"collect: {n} new episodes ({cfg.episodes - n} already there), {frames} frames, "

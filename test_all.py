@@ -87,6 +87,31 @@ def test_same_seed_same_episodes_and_resume_keeps_files(tmp_path):
                               collect.load_episode(str(tmp_path / "a" / "episode_000000.npz"))["obs"][0])
 
 
+def test_collect_matches_a_plain_loop(tmp_path):
+    """collect's batched bookkeeping against the obvious loop: each env's frames, actions and
+    rewards appended one by one, an episode closed when its env's `first` flag comes."""
+    collect_quiet(tmp_path, episodes=8, num_envs=3, seed=5)
+    env = collect.make_env(3, "easy", seed=5)
+    act = collect.random_policy(np.random.default_rng(5), 3, CollectConfig.up_prob, CollectConfig.max_repeat)
+    episodes, running = [], [dict(obs=[], action=[], reward=[]) for _ in range(3)]
+    _, obs, _ = env.observe()
+    while len(episodes) < 8:
+        a = act()
+        env.act(collect.ACTIONS[a])
+        rew, next_obs, first = env.observe()
+        for i in range(3):
+            for k, v in (("obs", obs["rgb"][i]), ("action", a[i]), ("reward", rew[i])):
+                running[i][k].append(v)
+            if first[i]:
+                episodes.append(running[i])
+                running[i] = dict(obs=[], action=[], reward=[])
+        obs = next_obs
+    for n, want in enumerate(episodes[:8]):
+        got = collect.load_episode(collect.episode_path(str(tmp_path), n))
+        for k in ("obs", "action", "reward"):
+            assert np.array_equal(got[k], np.stack(want[k])), (n, k)
+
+
 def test_biased_policy_prefers_up():
     act = collect.random_policy(np.random.default_rng(0), 1000, up_prob=0.6, max_repeat=1)
     a = np.concatenate([act() for _ in range(20)])
@@ -181,7 +206,8 @@ def test_vae_checkpoint_roundtrip_resume_and_no_overwrite(tiny_run):
     again = vae.ConvVAE(8).eval()
     again.load_state_dict(ckpt["model"])
     x = torch.rand(3, 3, 64, 64)
-    assert torch.equal(m.decode(m.encode(x)[0]), again.decode(again.encode(x)[0]))
+    # load_vae keeps the conv weights channels-last (faster on CPU): the same numbers up to float rounding
+    assert torch.allclose(m.decode(m.encode(x)[0]), again.decode(again.encode(x)[0]), atol=1e-5)
     assert os.path.exists(tiny_run / "vae.png") and os.path.exists(tiny_run / "vae.jsonl")
     r = run_cli("vae.py", "--data", str(tiny_run / "data"), "--out", str(tiny_run / "vae.pt"))
     assert r.returncode != 0 and "exists" in r.stderr and torch.load(tiny_run / "vae.pt", weights_only=True)["epoch"] == 1
@@ -429,15 +455,6 @@ def test_always_up_wins_a_third_of_easy_levels():
     assert s["mean_return"] == pytest.approx(10 * s["win_rate"])
 
 
-def test_lookahead_ceiling_wins_where_always_up_dies():
-    """The cheating ceiling (96% on 200 held-out easy levels) must beat always-UP on the same levels,
-    and cloning the state must leave the played env untouched: same result twice."""
-    up, _ = evaluate.play(evaluate.always_up(), 10, TEST_SEED, "easy")
-    la, lengths = evaluate.play(evaluate.lookahead("easy"), 10, TEST_SEED, "easy")
-    assert (la == 10).sum() >= 8 and (la == 10).sum() > (up == 10).sum() + 3, (la, up)
-    assert np.array_equal(evaluate.play(evaluate.lookahead("easy"), 10, TEST_SEED, "easy")[1], lengths)
-
-
 def load_probe(name):
     """A probe script of docs/ as a module (docs/ is not a package)."""
     import importlib.util
@@ -445,6 +462,16 @@ def load_probe(name):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def test_lookahead_ceiling_wins_where_always_up_dies():
+    """The cheating ceiling (96% on 200 held-out easy levels) must beat always-UP on the same levels,
+    and cloning the state must leave the played env untouched: same result twice."""
+    lookahead = load_probe("probe_lookahead").lookahead
+    up, _ = evaluate.play(evaluate.always_up(), 10, TEST_SEED, "easy")
+    la, lengths = evaluate.play(lookahead("easy"), 10, TEST_SEED, "easy")
+    assert (la == 10).sum() >= 8 and (la == 10).sum() > (up == 10).sum() + 3, (la, up)
+    assert np.array_equal(evaluate.play(lookahead("easy"), 10, TEST_SEED, "easy")[1], lengths)
 
 
 def test_probe_fit_recovers_a_linear_rule_in_c_units():
