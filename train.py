@@ -44,7 +44,7 @@ class TrainConfig:
     gaussians: int = 5  # M's mixture components per latent dim
     mdn_epochs: int = 10  # passes of M over the sequences
     danger_steps: int = 400_000  # env steps of hop-then-wait play that D learns from (0: no D)
-    danger_epochs: int = 8  # passes of D over the recorded UPs
+    danger_epochs: int = 20  # passes of D over the recorded UPs (mirrored at random)
     generations: int = 30  # CMA-ES generations
     popsize: int = 32  # CMA-ES candidates per generation
     levels: int = 16  # episodes per candidate per generation (common levels)
