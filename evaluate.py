@@ -1,6 +1,6 @@
 """Evaluation of a trained World Models agent (V + M + C) on procgen leaper: its win rate on held-out
 levels beside a random and an always-UP baseline (World Models, section 3.3: the agent's score over
-many trials of the real environment) and, with --lookahead, a ceiling that cheats; and pictures of
+many trials of the real environment); and pictures of
 what V sees and what M dreams (sections 3.1 and 3.4: reconstructions, and a rollout imagined by M at
 temperature tau).
 
@@ -39,7 +39,6 @@ class EvalConfig:
     pictures: bool = True  # write agent.gif, reconstructions.png, dream.gif and curves.png into --run
     gif_episodes: int = 4  # episodes played by the agent in agent.gif
     tau: float = 1.15  # temperature of M's dream in dream.gif (Ha: 1.15)
-    lookahead: int = 0  # also play the cheating look-ahead ceiling on this many of the levels (~1 s each)
 
 
 class Agent:
@@ -59,16 +58,14 @@ class Agent:
     def act(self, obs, first, alive=None):
         """obs uint8 (N,64,64,3), first bool (N,): a new episode starts (its memory is zeroed),
         alive bool (N,): only these envs are computed, the others get NONE. -> procgen ids (N,)."""
-        n = len(obs)
+        n, first = len(obs), np.asarray(first, dtype=bool)
         if self.state is None or self.state[0].shape[1] != n:
             self.reset(n)
         h, c = self.state
-        reset = torch.as_tensor(np.asarray(first, dtype=bool))
-        h[:, reset], c[:, reset] = 0.0, 0.0
+        h[:, first], c[:, first] = 0.0, 0.0
         # D's last frame: on an episode's first step, the first frame itself (as in the rollouts).
-        prev = obs if self.last is None or len(self.last) != n else self.last
-        last = np.where(np.asarray(first, dtype=bool)[:, None, None, None], obs, prev)  # (N,64,64,3)
-        idx = np.flatnonzero(np.ones(n, dtype=bool) if alive is None else alive)
+        last = np.where(first[:, None, None, None], obs, obs if self.last is None else self.last)  # (N,64,64,3)
+        idx = np.arange(n) if alive is None else np.flatnonzero(alive)
         actions = np.full(n, ACTIONS[NONE])
         if len(idx):
             a, (h_new, c_new) = agent_step(self.vae, self.mdn, self.weights, obs[idx], (h[:, idx], c[:, idx]),
@@ -114,34 +111,6 @@ def always_up():
                            act=lambda obs, first, alive=None: np.full(len(obs), ACTIONS[UP]))
 
 
-def lookahead(distribution_mode, horizon=8):
-    """A ceiling, NOT an agent: it cheats by cloning the emulator's state. Each step it tries every
-    action (then no-ops) for `horizon` steps in copies of the game, takes a win if one is in reach,
-    else hops UP if that survives, else the first of none, DOWN, RIGHT, LEFT that survives. It
-    measures what a purely reactive policy wins when it knows whether its next hop is safe."""
-    order = [ACTION_NAMES.index(a) for a in ("UP", "NONE", "DOWN", "RIGHT", "LEFT")]  # action indices
-    A, p = len(ACTIONS), SimpleNamespace(env=None, sim=None)
-
-    def act(obs, first, alive=None):
-        n = len(obs)
-        if p.sim is None:
-            p.sim = make_env(n * A, distribution_mode)  # its levels are overwritten by set_state
-        p.sim.set_state([s for s in p.env.get_state() for _ in range(A)])  # env i -> sims i*A .. i*A+A-1
-        tried = np.tile(np.arange(A), n)  # (n*A,)
-        ended, dead, won = (np.zeros(n * A, dtype=bool) for _ in range(3))
-        for t in range(horizon):
-            p.sim.act(ACTIONS[tried if t == 0 else np.full(n * A, NONE)])
-            rew, _, first_sim = p.sim.observe()
-            won |= ~ended & (rew > 0)
-            dead |= ~ended & first_sim & (rew <= 0)  # an episode that ends without the prize: a death
-            ended |= first_sim
-        won, safe = won.reshape(n, A), ~dead.reshape(n, A)  # (n,A)
-        pick = [int(np.flatnonzero(w)[0]) if w.any() else next((a for a in order if s[a]), NONE)
-                for w, s in zip(won, safe)]
-        return ACTIONS[np.array(pick)]
-    return SimpleNamespace(reset=lambda num_envs: None, act=act, bind=lambda env: setattr(p, "env", env))
-
-
 def play(policy, episodes, seed, distribution_mode, record=False, desc="play"):
     """One episode per env of one seeded ProcgenGym3Env: env i's level depends only on (seed, i),
     so every policy meets the same levels. Returns returns (E,) and lengths (E,); with record also
@@ -149,7 +118,7 @@ def play(policy, episodes, seed, distribution_mode, record=False, desc="play"):
     env = make_env(episodes, distribution_mode, seed=seed)
     policy.reset(episodes)
     if hasattr(policy, "bind"):
-        policy.bind(env)  # only the look-ahead ceiling needs the env itself, to clone its state
+        policy.bind(env)  # only docs/probe_lookahead.py's ceiling needs the env itself, to clone its state
     _, obs, first = env.observe()  # first: all True
     alive, returns, lengths = np.ones(episodes, dtype=bool), np.zeros(episodes), np.zeros(episodes, dtype=np.int64)
     frames = [dict(obs=[], action=[]) for _ in range(episodes if record else 0)]
@@ -229,13 +198,6 @@ def agent_gif(agent, recorded, path):
     save_gif(path, gif, duration=50)
 
 
-def reconstructions_png(agent, recorded, path):
-    """8 frames spread over the agent's play (top) and V's reconstructions (bottom), x2."""
-    import imageio.v2 as imageio
-    frames = np.concatenate([ep["obs"] for ep in recorded])  # (N,64,64,3)
-    imageio.imwrite(path, upscale(reconstruction_grid(agent.vae, frames[np.linspace(0, len(frames) - 1, 8).astype(int)]), 2))
-
-
 @torch.no_grad()
 def dream(agent, frame, steps=60, tau=1.15, seed=0):
     """M imagines a rollout from one real frame, C choosing the actions. Returns decoded frames
@@ -264,11 +226,6 @@ def dream_gif(agent, frame, tau, path):
     save_gif(path, gif + gif[-1:] * 10, duration=100)  # hold the last frame a second
 
 
-def read_jsonl(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def curves_png(run_dir, path):
     """Learning curves of V, M, D and C from their .jsonl logs; a missing log is skipped."""
     import matplotlib
@@ -279,7 +236,8 @@ def curves_png(run_dir, path):
               ("danger", "epoch", ["test_auc"], ["bce"], "D: held-out AUC / BCE"),
               ("controller", "generation", ["best", "mean", "val_mean"], [], "C: return (CMA-ES)")]
     logs = {name: os.path.join(run_dir, name + ".jsonl") for name, *_ in panels}
-    panels = [(read_jsonl(logs[name]), *rest) for name, *rest in panels if os.path.exists(logs[name])]
+    panels = [([json.loads(line) for line in open(logs[name]) if line.strip()], *rest)
+              for name, *rest in panels if os.path.exists(logs[name])]
     if not panels:
         return False
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
@@ -306,7 +264,10 @@ def pictures(agent, cfg, mode):
     recorded = play(agent, max(cfg.gif_episodes, 1), cfg.seed, mode, record=True, desc="record")[2]  # first levels
     if cfg.gif_episodes > 0:
         agent_gif(agent, recorded, path("agent.gif"))
-    reconstructions_png(agent, recorded, path("reconstructions.png"))
+    import imageio.v2 as imageio
+    frames = np.concatenate([ep["obs"] for ep in recorded])  # (N,64,64,3): 8 of them, spread over the play, x2
+    imageio.imwrite(path("reconstructions.png"),
+                    upscale(reconstruction_grid(agent.vae, frames[np.linspace(0, len(frames) - 1, 8).astype(int)]), 2))
     dream_gif(agent, recorded[0]["obs"][0], cfg.tau, path("dream.gif"))
     curves = curves_png(cfg.run, path("curves.png"))  # False when the run has no logs
     return [path(n) for n in ("agent.gif",) * (cfg.gif_episodes > 0) + ("reconstructions.png", "dream.gif")
@@ -322,9 +283,6 @@ def main(cfg):
         fail(f"--distribution-mode {mode!r}: expected easy or hard")
     results = {name: summarize(*play(policy, cfg.episodes, cfg.seed, mode, desc=name)) for name, policy in
                (("agent", agent), ("random", random_policy(cfg.seed)), ("always_up", always_up()))}
-    if cfg.lookahead > 0:
-        results["lookahead"] = summarize(*play(lookahead(mode), min(cfg.lookahead, cfg.episodes), cfg.seed, mode,
-                                               desc="lookahead"))
     print(f"{cfg.run}: {cfg.episodes} {mode} levels of seed {cfg.seed} per policy")
     print(f"{'policy':<10} {'episodes':>8} {'win rate':>8}  {'95% CI':<16} {'mean return':>11} {'mean length':>11}")
     for name, r in results.items():

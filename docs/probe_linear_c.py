@@ -2,7 +2,7 @@
 
 CMA-ES ends at always-UP in every configuration we tried. This probe asks whether a better linear
 controller even exists on these features, without CMA-ES: it records the look-ahead ceiling of
-evaluate.py (which cheats by cloning the game state and wins ~97% in easy mode) on training
+docs/probe_lookahead.py (which cheats by cloning the game state and wins ~97% in easy mode) on training
 levels, fits C's weights to imitate it (softmax regression on V's z and M's h), then plays that C
 on held-out levels with its UP bias raised step by step, beside always-UP on the same levels.
 
@@ -17,10 +17,12 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo's modules
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # docs/, for the look-ahead probe
 from collect import ACTIONS, UP, cli  # noqa: E402
 from controller import features  # noqa: E402
-from evaluate import Agent, always_up, lookahead, play, summarize  # noqa: E402
+from evaluate import Agent, always_up, play, summarize  # noqa: E402
 from mdnrnn import load_mdnrnn  # noqa: E402
+from probe_lookahead import lookahead  # noqa: E402
 from vae import encode, load_vae  # noqa: E402
 
 
