@@ -205,17 +205,17 @@ def dream(agent, frame, steps=60, tau=1.15, seed=0):
     torch.manual_seed(seed)
     z = agent.vae.encode(to_input(frame[None]))[0]  # (1,Z)
     state = (torch.zeros(1, 1, agent.mdn.hidden), torch.zeros(1, 1, agent.mdn.hidden))
-    zs, actions, wins = [z], [], []
+    frames, actions, wins = [decode(agent.vae, z)], [], []  # V's picture of each dreamed z, (1,64,64,3) each
     for _ in range(steps):
-        # D, if C reads it, looks at V's pictures of the dream: the decoded z and the one before.
-        d = agent.danger(decode(agent.vae, z), decode(agent.vae, zs[-2 if len(zs) > 1 else -1])) if agent.danger else None
+        # D, if C reads it, looks at V's pictures of the dream: this one and the one before.
+        d = agent.danger(frames[-1], frames[-2 if len(frames) > 1 else -1]) if agent.danger else None
         a = choose(agent.weights, features(z, state, agent.inputs, d))  # (1,): C on M's z, no frame to encode
         mix, r_logit, d_logit, state = agent.mdn.step(z, a, state)
         z, win, done = sample_next(*mix, r_logit, d_logit, tau)
-        zs, actions, wins = zs + [z], actions + [int(a)], wins + [bool(win)]
+        frames, actions, wins = frames + [decode(agent.vae, z)], actions + [int(a)], wins + [bool(win)]
         if done.item():
             break
-    return decode(agent.vae, torch.cat(zs)), np.array(actions), np.array(wins), bool(done.item())  # (T+1,Z) zs
+    return np.concatenate(frames), np.array(actions), np.array(wins), bool(done.item())  # (T+1,64,64,3)
 
 
 def dream_gif(agent, frame, tau, path):
