@@ -41,6 +41,7 @@ class CConfig:
     max_steps: int = 250  # fitness episodes stop here (easy wins take 25-100 steps; the game's cap is 500)
     sigma0: float = 0.5  # initial CMA-ES step size
     up_bias: float = 0.0  # start the search at "always UP" (UP's bias = up_bias) instead of at zero
+    danger_prior: float = 1.0  # with d: start at "UP iff D's logit < 0, else no-op" (0: start at zero)
     diagonal: int = 1000  # above this many parameters use the diagonal (sep-)CMA, O(n) per step
     inputs: str = "zh"  # controller inputs: z, zh (Ha's [z, h]), zhc (adds M's cell state), zhd (adds D's danger)
     danger: str = ""  # trained D (danger.py), read when --inputs contains d
@@ -147,6 +148,18 @@ def cma_generation(es, evaluate):
     return X, F, info
 
 
+def start_point(n_params, inputs, up_bias=0.0, danger_prior=0.0):
+    """CMA-ES's first mean, (5, D+1) with the bias last: zero, plus priors the search can leave.
+    up_bias: always UP (the best constant action). danger_prior: the controller D implies, "UP iff
+    D's logit < 0, else no-op"; in hard mode CMA-ES from zero did not find it in 30 generations."""
+    x0 = np.zeros((len(ACTIONS), n_params // len(ACTIONS)))  # (5,D+1)
+    x0[UP, -1] = up_bias
+    if "d" in inputs:
+        x0[UP, -2] = -danger_prior  # d is the last input, just before the bias
+        x0[[a for a in range(len(ACTIONS)) if a not in (UP, NONE)], -1] -= danger_prior  # else NONE wins
+    return x0
+
+
 def level_draw(seed, generation, n):
     """Training levels of one generation: fresh each generation, the same on resume."""
     return np.random.default_rng([seed, generation]).integers(0, 2**31 - 1, n)
@@ -172,8 +185,7 @@ def train(cfg):
     workers = cfg.workers or os.cpu_count() or 1
     # Seeding, in one place: CMA-ES's sampling and the level draws (levels come from level_draw).
     opts = dict(popsize=cfg.popsize, seed=cfg.seed + 1, CMA_diagonal=n_params > cfg.diagonal, verbose=-9)
-    x0 = np.zeros((len(ACTIONS), n_params // len(ACTIONS)))  # (5,D+1), bias last
-    x0[UP, -1] = cfg.up_bias  # a prior the search can leave: UP is the best constant action
+    x0 = start_point(n_params, cfg.inputs, cfg.up_bias, cfg.danger_prior)
     # Fan-in scaling, as in weight init: each input group (z: 128 numbers, h: 256, d: 1) starts
     # with the same say in C's scores, so one danger number is not drowned by 384 others.
     sizes = dict(z=vae.z_dim, h=mdn.hidden, c=mdn.hidden, d=1)

@@ -336,6 +336,15 @@ def test_always_up_controller_matches_the_baseline(tiny_run):
     assert 0.25 < win < 0.41, win  # always-UP wins 32.8% of easy levels (2000 episodes)
 
 
+def test_danger_prior_starts_at_up_unless_d_says_deadly():
+    D = controller.n_inputs("zhd", 8, 16)
+    x0 = controller.start_point(5 * (D + 1), "zhd", danger_prior=1.0)
+    f = torch.randn(500, D) * 3  # (n,D): z, h and d = the last column, of any sign
+    a = controller.choose(torch.as_tensor(x0, dtype=torch.float32), f).numpy()
+    assert np.array_equal(a, np.where(f[:, -1].numpy() < 0, collect.UP, controller.NONE))
+    assert not controller.start_point(5 * (D + 1), "zhd").any()  # no prior: CMA-ES starts at zero
+
+
 def test_pool_equals_serial(tiny_run):
     v, m = str(tiny_run / "vae.pt"), str(tiny_run / "mdnrnn.pt")
     X = np.random.default_rng(0).normal(0, 0.5, (4, 5 * (controller.n_inputs("zh", 8, 16) + 1)))

@@ -51,6 +51,7 @@ class TrainConfig:
     max_steps: int = 250  # fitness episodes stop here (the held-out test plays the game's full 500)
     sigma0: float = 0.5  # CMA-ES initial step size
     up_bias: float = 0.0  # CMA-ES starts at "always UP" with this bias on UP (0: starts at zero)
+    danger_prior: float = 1.0  # CMA-ES starts at "UP iff D's logit < 0, else no-op" (0: starts at zero)
     inputs: str = "zhd"  # controller inputs: z, zh, zhc, or zhd ([z, h] and D's danger; needs danger_steps)
     eval_every: int = 5  # generations between re-tests of the CMA mean and best
     eval_levels: int = 64  # levels of those re-tests
@@ -130,7 +131,8 @@ def run(cfg):
     ccfg = controller.CConfig(vae=path("vae.pt"), mdnrnn=path("mdnrnn.pt"), out=path("controller.pt"),
                               danger=path("danger.pt") if cfg.danger_steps else "",
                               distribution_mode=cfg.distribution_mode, generations=cfg.generations,
-                              popsize=cfg.popsize, levels=cfg.levels, max_steps=cfg.max_steps, sigma0=cfg.sigma0, up_bias=cfg.up_bias, inputs=cfg.inputs,
+                              popsize=cfg.popsize, levels=cfg.levels, max_steps=cfg.max_steps, sigma0=cfg.sigma0, up_bias=cfg.up_bias,
+                              danger_prior=cfg.danger_prior, inputs=cfg.inputs,
                               eval_every=cfg.eval_every, eval_levels=cfg.eval_levels, workers=cfg.workers,
                               seed=cfg.seed, resume=True)
     controller.train(ccfg)
