@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from collect import ACTION_NAMES, ACTIONS, cli, fail, make_env
-from vae import save_atomic
+from vae import ReLU, save_atomic
 
 UP, NONE = ACTION_NAMES.index("UP"), ACTION_NAMES.index("NONE")
 MOVE_PROBS = [0.1, 0.05, 0.15, 0.6, 0.1]  # LEFT, DOWN, NONE, UP, RIGHT: mostly UP, to reach the river
@@ -48,8 +48,8 @@ class DangerNet(nn.Module):
     def __init__(self):
         super().__init__()
         self.net = nn.Sequential(  # (B,6,64,64) -> (B,1)
-            nn.Conv2d(6, 32, 4, 2, 1), nn.ReLU(), nn.Conv2d(32, 64, 4, 2, 1), nn.ReLU(),
-            nn.Conv2d(64, 64, 4, 2, 1), nn.ReLU(), nn.Flatten(), nn.Linear(64 * 8 * 8, 256), nn.ReLU(),
+            nn.Conv2d(6, 32, 4, 2, 1), ReLU(), nn.Conv2d(32, 64, 4, 2, 1), ReLU(),
+            nn.Conv2d(64, 64, 4, 2, 1), ReLU(), nn.Flatten(), nn.Linear(64 * 8 * 8, 256), ReLU(),
             nn.Linear(256, 1))
 
     def forward(self, obs, last):
