@@ -1,8 +1,7 @@
 """Evaluation of a trained World Models agent (V + M + C) on procgen leaper: its win rate on held-out
 levels beside a random and an always-UP baseline (World Models, section 3.3: the agent's score over
-many trials of the real environment); and pictures of
-what V sees and what M dreams (sections 3.1 and 3.4: reconstructions, and a rollout imagined by M at
-temperature tau).
+many trials of the real environment), and pictures of what V sees and what M dreams (sections 3.1
+and 3.4: reconstructions, and a rollout imagined by M at temperature tau).
 
 Every policy plays the same levels: one procgen env per episode, each counting only its first
 episode, whose level is fixed by --seed (the default differs from every training stream).
@@ -136,9 +135,8 @@ def play(policy, episodes, seed, distribution_mode, record=False, desc="play"):
         alive &= ~first
         if not alive.any():
             break
-    if record:
-        return returns, lengths, [dict(obs=np.stack(f["obs"]), action=np.array(f["action"])) for f in frames]
-    return returns, lengths
+    recorded = [dict(obs=np.stack(f["obs"]), action=np.array(f["action"])) for f in frames]  # [] unless record
+    return (returns, lengths, recorded) if record else (returns, lengths)
 
 
 def wilson(k, n, z=1.96):
