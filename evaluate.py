@@ -88,12 +88,10 @@ def load_agent(run_dir):
     if (ckpt["z_dim"], ckpt["hidden"]) != (vae.z_dim, mdn.hidden) or ckpt["params"].numel() != len(ACTIONS) * (D + 1):
         fail(f"{paths['controller']}: trained for z_dim {ckpt['z_dim']}, hidden {ckpt['hidden']}, but "
              f"{paths['vae']} has z_dim {vae.z_dim} and {paths['mdnrnn']} hidden {mdn.hidden}")
-    danger = None
-    if "d" in inputs:
-        path = os.path.join(run_dir, "danger.pt")
-        if not os.path.exists(path):
-            fail(f"--run {run_dir}: its controller reads D, but there is no danger.pt (train it with danger.py)")
-        danger = load_danger(path)
+    path = os.path.join(run_dir, "danger.pt")
+    if "d" in inputs and not os.path.exists(path):
+        fail(f"--run {run_dir}: its controller reads D, but there is no danger.pt (train it with danger.py)")
+    danger = load_danger(path) if "d" in inputs else None
     return Agent(vae, mdn, ckpt["params"], inputs, ckpt["config"]["distribution_mode"], danger)
 
 

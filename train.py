@@ -131,8 +131,8 @@ def run(cfg):
     ccfg = controller.CConfig(vae=path("vae.pt"), mdnrnn=path("mdnrnn.pt"), out=path("controller.pt"),
                               danger=path("danger.pt") if cfg.danger_steps else "",
                               distribution_mode=cfg.distribution_mode, generations=cfg.generations,
-                              popsize=cfg.popsize, levels=cfg.levels, max_steps=cfg.max_steps, sigma0=cfg.sigma0, up_bias=cfg.up_bias,
-                              danger_prior=cfg.danger_prior, inputs=cfg.inputs,
+                              popsize=cfg.popsize, levels=cfg.levels, max_steps=cfg.max_steps, sigma0=cfg.sigma0,
+                              up_bias=cfg.up_bias, danger_prior=cfg.danger_prior, inputs=cfg.inputs,
                               eval_every=cfg.eval_every, eval_levels=cfg.eval_levels, workers=cfg.workers,
                               seed=cfg.seed, resume=True)
     controller.train(ccfg)
