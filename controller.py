@@ -1,5 +1,7 @@
 """C: the controller of World Models (Ha & Schmidhuber 2018, section 2.3), one linear layer + sigmoid
-on [z_t, h_t] -> 5 action scores, trained by CMA-ES (the `cma` package) on the real game.
+on [z_t, h_t] -> 5 action scores, trained by CMA-ES (the `cma` package) on the real game. With
+--inputs zhd it also reads D's logit of "this UP is deadly" (danger.py), and CMA-ES starts at the
+controller D implies: UP iff that logit < 0, else no-op.
 
 Fitness rollouts are batched: one procgen env per level holds one copy of the level per candidate
 (common random numbers: every candidate plays the same levels), V's encoder and M's LSTM run once
@@ -7,6 +9,7 @@ per step on all the envs still playing, and each candidate applies its own weigh
 The levels are split over a multiprocessing.Pool whose workers load V and M once.
 
     python controller.py --vae runs/vae.pt --mdnrnn runs/mdnrnn.pt --out runs/controller.pt
+    python controller.py --vae R/vae.pt --mdnrnn R/mdnrnn.pt --danger R/danger.pt --inputs zhd --out R/controller.pt
 """
 import dataclasses
 import json
