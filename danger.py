@@ -51,6 +51,7 @@ class DangerNet(nn.Module):
             nn.Conv2d(6, 32, 4, 2, 1), ReLU(), nn.Conv2d(32, 64, 4, 2, 1), ReLU(),
             nn.Conv2d(64, 64, 4, 2, 1), ReLU(), nn.Flatten(), nn.Linear(64 * 8 * 8, 256), ReLU(),
             nn.Linear(256, 1))
+        self.to(memory_format=torch.channels_last)  # NHWC conv weights: ~30% faster on CPU
 
     def forward(self, obs, last):
         x = torch.cat([torch.as_tensor(obs), torch.as_tensor(last)], -1)  # (B,64,64,6)
@@ -101,7 +102,7 @@ def train(cfg):
     test = np.arange(len(y)) % cfg.holdout == cfg.holdout - 1 if cfg.holdout > 0 else np.zeros(len(y), bool)
     train_idx, test_idx = np.flatnonzero(~test), np.flatnonzero(test)
     print(f"D: {cfg.steps} env steps of hop-then-wait, {len(y)} UPs ({y.mean():.1%} deadly), {len(test_idx)} held out")
-    model = DangerNet().to(memory_format=torch.channels_last)  # NHWC conv weights: faster on CPU
+    model = DangerNet()
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     log = os.path.splitext(cfg.out)[0] + ".jsonl"
     score = lambda idx: torch.cat([model(X[b, ..., :3], X[b, ..., 3:]) for b in np.array_split(idx, max(len(idx) // 512, 1))])
@@ -134,7 +135,7 @@ def train(cfg):
 
 def load_danger(path):
     """Rebuild D from its checkpoint alone."""
-    model = DangerNet().to(memory_format=torch.channels_last)  # NHWC conv weights: ~30% faster on CPU
+    model = DangerNet()
     model.load_state_dict({k: v.float() for k, v in torch.load(path, map_location="cpu", weights_only=True)["model"].items()})
     return model.eval()
 
