@@ -10,18 +10,22 @@ action[t]; reward[t] is what that action earned.
 This file is also the one definition of leaper's actions and of how to make the env; every other
 module imports them from here.
 
-    python collect.py --out runs/data --episodes 200 --distribution-mode easy --seed 0
+    python collect.py --out runs/data --episodes 2000 --distribution-mode easy --seed 0
 """
 import argparse
 import contextlib
 import dataclasses
+import inspect
 import io
 import os
+import re
 import sys
 import time
+import typing
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 from tqdm import tqdm
@@ -29,7 +33,7 @@ from tqdm import tqdm
 # Leaper reads 15 procgen actions, of which 5 mean something (diagonals move horizontally).
 ACTION_NAMES = ("LEFT", "DOWN", "NONE", "UP", "RIGHT")
 ACTIONS = np.array([1, 3, 4, 5, 7], dtype=np.int32)  # index 0..4 -> procgen action id
-UP = ACTION_NAMES.index("UP")
+UP, NONE = ACTION_NAMES.index("UP"), ACTION_NAMES.index("NONE")  # the indices C and M use
 MAX_STEPS = 500  # procgen ends every leaper episode after 500 steps
 
 
@@ -45,8 +49,8 @@ def make_env(num, distribution_mode="easy", seed=0, start_level=0, num_levels=0)
 @dataclass
 class CollectConfig:
     out: str = "runs/data"  # directory of episode_NNNNNN.npz files
-    episodes: int = 200  # total number of episodes in the directory when done
-    distribution_mode: str = "easy"  # procgen difficulty: easy or hard
+    episodes: int = 2000  # total number of episodes in the directory when done
+    distribution_mode: Literal["easy", "hard"] = "easy"  # procgen difficulty
     seed: int = 0  # same seed, same episodes
     num_envs: int = 64  # envs stepped together (one C++ call); keep it fixed when resuming
     up_prob: float = 0.4  # probability that a new random action is UP (uniform: 0.2)
@@ -54,14 +58,42 @@ class CollectConfig:
     compress: bool = True  # zlib-compress the .npz files (~10x smaller, but zlib caps the speed)
 
 
+def field_comments(cls):
+    """{field: its one-line comment} from the dataclass's source: the text that --help shows."""
+    comments = {}
+    for line in inspect.getsource(cls).splitlines():
+        m = re.match(r"\s+(\w+)\s*:[^#]*#\s*(.*)$", line)
+        if m:
+            comments[m.group(1)] = m.group(2)
+    return comments
+
+
+def strict_bool(text):
+    """'true'/'false' (also yes/no, 1/0, on/off); anything else, e.g. 'ture', is an error, not False."""
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
 def cli(cls, argv=None, defaults=None):
-    """Build an argparse CLI from a dataclass: every field becomes --kebab-case; its default comes
-    from `defaults` (an instance, e.g. a preset) or else from the dataclass."""
+    """An argparse CLI from a dataclass: each field becomes --kebab-case, its comment the help, a
+    Literal[...] type the choices, a bool a flag that works bare (--resume) or with a value
+    (--resume false). Defaults come from `defaults` (an instance, e.g. a preset) or the dataclass."""
     p = argparse.ArgumentParser(description=sys.modules[cls.__module__].__doc__.split("\n\n")[0])
+    comments = field_comments(cls)
     for f in dataclasses.fields(cls):
         default = getattr(defaults, f.name) if defaults else f.default
-        kind = (lambda s: s.lower() in ("1", "true", "yes")) if f.type in (bool, "bool") else type(f.default)
-        p.add_argument("--" + f.name.replace("_", "-"), type=kind, default=default, help=f"default {default}")
+        text = comments.get(f.name, "").replace("%", "%%") + (f" (default: {default})" if default != "" else "")
+        kw = dict(default=default, help=text)
+        if f.type is bool:
+            kw.update(type=strict_bool, nargs="?", const=True, metavar="BOOL")
+        elif typing.get_origin(f.type) is typing.Literal:
+            kw.update(choices=typing.get_args(f.type))
+        else:
+            kw.update(type=f.type)
+        p.add_argument("--" + f.name.replace("_", "-"), **kw)
     return cls(**vars(p.parse_args(argv)))
 
 
@@ -138,8 +170,6 @@ def collect(cfg):
     Episodes are numbered in the order they finish in one seeded stream of cfg.num_envs envs, so
     the same arguments always give the same episodes. Resume replays the stream (procgen steps
     fast) and writes only the missing ones. Episodes still running at the end are dropped."""
-    if cfg.distribution_mode not in ("easy", "hard"):
-        fail(f"--distribution-mode {cfg.distribution_mode!r}: expected easy or hard")
     if cfg.episodes < 1 or cfg.num_envs < 1:
         fail("--episodes and --num-envs must be at least 1")
     os.makedirs(cfg.out, exist_ok=True)

@@ -14,6 +14,7 @@ import json
 import os
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -21,17 +22,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from collect import ACTION_NAMES, ACTIONS, cli, fail, make_env
-from vae import ReLU, save_atomic
+from collect import ACTIONS, NONE, UP, cli, fail, make_env
+from vae import ReLU, load_checkpoint, save_atomic
 
-UP, NONE = ACTION_NAMES.index("UP"), ACTION_NAMES.index("NONE")
 MOVE_PROBS = [0.1, 0.05, 0.15, 0.6, 0.1]  # LEFT, DOWN, NONE, UP, RIGHT: mostly UP, to reach the river
 
 
 @dataclass
 class DangerConfig:
     out: str = "runs/danger.pt"  # checkpoint; a .jsonl log goes beside it
-    distribution_mode: str = "easy"  # procgen difficulty
+    distribution_mode: Literal["easy", "hard"] = "easy"  # procgen difficulty
     steps: int = 400_000  # env steps of hop-then-wait play (counted in the run's env steps)
     num_envs: int = 256  # envs stepped together
     epochs: int = 20  # passes over the recorded UPs (hard mode's test AUC still rises at 20)
@@ -65,7 +65,7 @@ def hop_then_wait(distribution_mode, steps, num_envs, seed):
     obs = env.observe()[1]["rgb"]
     last, wait, pending = obs.copy(), np.zeros(n, dtype=int), [None] * n  # pending: env i's open UP
     X, Y = [], []
-    for _ in tqdm(range(steps // n), desc="hop-then-wait", unit="step"):
+    for _ in tqdm(range(steps // n), desc="hop-then-wait", unit="step", disable=None):
         move = wait == 0  # (n,) envs that choose a new move now
         a = np.where(move, rng.choice(len(ACTIONS), size=n, p=MOVE_PROBS), NONE)
         for i in np.flatnonzero(move):
@@ -111,7 +111,8 @@ def train(cfg):
         rng = np.random.default_rng([cfg.seed, epoch])  # this epoch's shuffle and mirrors
         perm = rng.permutation(train_idx)
         model.train()
-        for i in tqdm(range(0, len(perm), cfg.batch_size), desc=f"D epoch {epoch + 1}/{cfg.epochs}", unit="batch"):
+        for i in tqdm(range(0, len(perm), cfg.batch_size), desc=f"D epoch {epoch + 1}/{cfg.epochs}", unit="batch",
+                      disable=None):  # disable=None: a bar on a terminal, none in a log file
             b = perm[i:i + cfg.batch_size]
             x = X[b]  # (B,64,64,6)
             if cfg.mirror:  # a mirrored pair of frames is a real situation too: cars and logs just run the other way
@@ -136,7 +137,7 @@ def train(cfg):
 def load_danger(path):
     """Rebuild D from its checkpoint alone."""
     model = DangerNet()
-    model.load_state_dict({k: v.float() for k, v in torch.load(path, map_location="cpu", weights_only=True)["model"].items()})
+    model.load_state_dict({k: v.float() for k, v in load_checkpoint(path)["model"].items()})
     return model.eval()
 
 

@@ -1,6 +1,11 @@
 """M: the memory model of World Models (Ha & Schmidhuber 2018, section 2.2 and appendix A.2), an
 LSTM whose output layer is a mixture density network: given z_t and action a_t it predicts
-P(z_{t+1}) as K Gaussians per latent dimension, plus the reward and the end of the episode.
+P(z_{t+1}) as K Gaussians per latent dimension, plus two logits: "this step wins" (leaper's only
+reward, 10 at the finish) and "the episode ends after this step" (a death, a win or the 500-step
+timeout: the done flag of the data, not a death detector).
+
+The model, its loss and its sampling need only torch: copy this file alone for them. Encoding and
+training borrow V (vae.py) and the episode reader (collect.py), imported where they are used.
 
     python mdnrnn.py --data runs/data --vae runs/vae.pt --out runs/mdnrnn.pt
 (first encodes every episode of --data with V into --latents, then trains M on those latents)
@@ -17,9 +22,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
-
-from collect import ACTIONS, cli, fail, list_episodes, load_episode
-from vae import encode, load_vae, save_atomic, start_training
 
 LOG_SIGMA_MIN, LOG_SIGMA_MAX = -5.0, 2.0  # sigma in [0.007, 7.4]: the density cannot blow up
 
@@ -43,14 +45,14 @@ class MDNConfig:
 
 
 class MDNRNN(nn.Module):
-    def __init__(self, z_dim=32, hidden=256, gaussians=5, n_actions=len(ACTIONS)):
+    def __init__(self, z_dim=32, hidden=256, gaussians=5, n_actions=5):  # leaper's 5 actions (collect.ACTIONS)
         super().__init__()
         self.z_dim, self.hidden, self.k, self.n_actions = z_dim, hidden, gaussians, n_actions
         self.lstm = nn.LSTM(z_dim + n_actions, hidden, batch_first=True)
-        self.head = nn.Linear(hidden, 3 * z_dim * gaussians + 2)  # pi, mu, log sigma; reward, done
+        self.head = nn.Linear(hidden, 3 * z_dim * gaussians + 2)  # pi, mu, log sigma; win, done
 
     def forward(self, z, action, state=None):
-        """z (B,T,Z), action indices (B,T) -> mixture params for z_{t+1}, each (B,T,Z,K), reward and
+        """z (B,T,Z), action indices (B,T) -> mixture params for z_{t+1}, each (B,T,Z,K), the win and
         done logits (B,T), and the LSTM state (h, c), each (1,B,H)."""
         out, state = self.lstm(self.lstm_input(z, action), state)  # (B,T,H)
         y = self.head(out)  # (B,T,3*Z*K+2)
@@ -80,35 +82,44 @@ def mdn_nll(logit_pi, mu, log_sigma, target):
     return -torch.logsumexp(F.log_softmax(logit_pi, -1) + log_normal, -1).sum(-1)
 
 
+def masked_bce(logit, target, mask):
+    """Binary cross-entropy averaged over the steps where mask is 1: (B,L) x3 -> ()."""
+    return (F.binary_cross_entropy_with_logits(logit, target, reduction="none") * mask).sum() / mask.sum()
+
+
 def m_losses(model, batch, sample=True):
-    """Per-batch mean losses (nll per step, reward BCE, done BCE) over valid, unpadded steps."""
-    mu, logvar, action, reward, done, step_mask, next_mask = batch
+    """Mean losses over the valid, unpadded steps: (nll per step, win BCE, done BCE), and the done
+    logits. batch: a dict of tensors, as load_sequences makes them (see there for the fields)."""
+    mu, logvar = batch["mu"], batch["logvar"]  # (B,L+1,Z) each
     z = mu + torch.randn_like(mu) * (0.5 * logvar).exp() if sample else mu  # (B,L+1,Z); Ha resamples z
-    mix, r_logit, d_logit, _ = model(z[:, :-1], action)
-    nll = (mdn_nll(*mix, z[:, 1:]) * next_mask).sum() / next_mask.sum().clamp(min=1)
-    bce = lambda logit, y: (F.binary_cross_entropy_with_logits(logit, y, reduction="none") * step_mask).sum() / step_mask.sum()
-    return nll, bce(r_logit, reward), bce(d_logit, done), d_logit
+    mix, win_logit, done_logit, _ = model(z[:, :-1], batch["action"])
+    nll = (mdn_nll(*mix, z[:, 1:]) * batch["next_mask"]).sum() / batch["next_mask"].sum().clamp(min=1)
+    win_bce = masked_bce(win_logit, batch["win"], batch["step_mask"])
+    done_bce = masked_bce(done_logit, batch["done"], batch["step_mask"])
+    return nll, win_bce, done_bce, done_logit
 
 
 @torch.no_grad()
-def sample_next(logit_pi, mu, log_sigma, r_logit, d_logit, tau=1.0):
+def sample_next(logit_pi, mu, log_sigma, win_logit, done_logit, tau=1.0):
     """Sample z_{t+1} (B,Z), a win (B,) and done (B,) from M's outputs for one step (each (B,1,...)).
     Temperature tau (Ha): the mixture logits are divided by tau, the std scaled by sqrt(tau)."""
     logit_pi, mu, log_sigma = logit_pi[:, 0], mu[:, 0], log_sigma[:, 0]  # (B,Z,K)
     k = torch.distributions.Categorical(logits=logit_pi / max(tau, 1e-6)).sample()  # (B,Z)
     pick = lambda t: t.gather(-1, k.unsqueeze(-1)).squeeze(-1)  # (B,Z)
     z = pick(mu) + pick(log_sigma).exp() * math.sqrt(tau) * torch.randn_like(pick(mu))
-    return z, torch.bernoulli(torch.sigmoid(r_logit[:, 0])), torch.bernoulli(torch.sigmoid(d_logit[:, 0]))
+    return z, torch.bernoulli(torch.sigmoid(win_logit[:, 0])), torch.bernoulli(torch.sigmoid(done_logit[:, 0]))
 
 
 def encode_episodes(data, vae_path, latents):
     """Encode every episode of `data` with V into `latents` (one .npz each: mu, logvar float16 and
     the episode's action, reward, done). Resumable: episodes already encoded are skipped."""
+    from collect import list_episodes, load_episode
+    from vae import encode, load_vae
     vae = load_vae(vae_path)
     os.makedirs(latents, exist_ok=True)
     todo = [p for p in list_episodes(data) if not os.path.exists(os.path.join(latents, os.path.basename(p)))]
     t0, n = time.time(), 0
-    for path in tqdm(todo, desc="encode", unit="ep"):
+    for path in tqdm(todo, desc="encode", unit="ep", disable=None):
         ep = load_episode(path)
         mu, logvar = encode(vae, ep["obs"])
         target = os.path.join(latents, os.path.basename(path))
@@ -120,13 +131,23 @@ def encode_episodes(data, vae_path, latents):
         print(f"encode: {len(todo)} episodes, {n} frames, {n / (time.time() - t0):,.0f} frames/s")
 
 
+def pad(x, length):
+    """Zero-pad x along its first axis to length."""
+    return np.pad(x, [(0, length - len(x))] + [(0, 0)] * (x.ndim - 1))
+
+
 def load_sequences(latents, seq_len, holdout):
     """Cut the encoded episodes into windows of seq_len steps (+1 frame for the last target), padded.
-    Returns the tensors of m_losses' batch and a held-out flag per window."""
+    Returns a dict of tensors, one row per window, and a held-out flag per window (N,):
+      mu, logvar (N,L+1,Z): V's encoding of the frames; action (N,L): index 0..4 taken at step t;
+      win (N,L): 1 where step t reached the finish (reward 10); done (N,L): 1 where the episode ended
+      after step t (death, win or timeout); step_mask (N,L): step t is real, not padding;
+      next_mask (N,L): z_{t+1} exists (not after the episode's last step)."""
+    from collect import fail
     files = sorted(f for f in os.listdir(latents) if f.endswith(".npz"))
     if not files:
         fail(f"{latents}: no encoded episodes")
-    cols = [[] for _ in range(7)]
+    cols = {k: [] for k in ("mu", "logvar", "action", "win", "done", "step_mask", "next_mask")}
     held = []
     for k, name in enumerate(files):
         with np.load(os.path.join(latents, name)) as d:
@@ -135,71 +156,72 @@ def load_sequences(latents, seq_len, holdout):
         for s in range(0, T, seq_len):
             n = min(seq_len, T - s)  # steps in this window
             f = min(seq_len + 1, T - s)  # frames in this window (one more when the episode goes on)
-            pad = lambda x, length: np.pad(x, [(0, length - len(x))] + [(0, 0)] * (x.ndim - 1))
-            cols[0].append(pad(ep["mu"][s:s + f].astype(np.float32), seq_len + 1))
-            cols[1].append(pad(ep["logvar"][s:s + f].astype(np.float32), seq_len + 1))
-            cols[2].append(pad(ep["action"][s:s + n].astype(np.int64), seq_len))
-            cols[3].append(pad((ep["reward"][s:s + n] > 0).astype(np.float32), seq_len))  # win = reward 10
-            cols[4].append(pad(ep["done"][s:s + n].astype(np.float32), seq_len))
-            cols[5].append(np.arange(seq_len) < n)  # step t is real
-            cols[6].append(np.arange(seq_len) < f - 1)  # z_{t+1} exists (not after the last step)
+            cols["mu"].append(pad(ep["mu"][s:s + f].astype(np.float32), seq_len + 1))
+            cols["logvar"].append(pad(ep["logvar"][s:s + f].astype(np.float32), seq_len + 1))
+            cols["action"].append(pad(ep["action"][s:s + n].astype(np.int64), seq_len))
+            cols["win"].append(pad((ep["reward"][s:s + n] > 0).astype(np.float32), seq_len))  # win = reward 10
+            cols["done"].append(pad(ep["done"][s:s + n].astype(np.float32), seq_len))
+            cols["step_mask"].append((np.arange(seq_len) < n).astype(np.float32))
+            cols["next_mask"].append((np.arange(seq_len) < f - 1).astype(np.float32))
             held.append(holdout > 0 and k % holdout == holdout - 1)
-    tensors = [torch.from_numpy(np.stack(c)) for c in cols]
-    tensors[5], tensors[6] = tensors[5].float(), tensors[6].float()
-    return tensors, np.array(held)
+    return {k: torch.from_numpy(np.stack(c)) for k, c in cols.items()}, np.array(held)
 
 
 @torch.no_grad()
 def test_metrics(model, data):
     """Held-out NLL (z from mu, no resampling), done-head accuracy and the always-'not done' baseline."""
     model.eval()
-    data = [t.to(next(model.parameters()).device) for t in data]
-    nll, r_bce, d_bce, d_logit = m_losses(model, data, sample=False)
-    done, mask = data[4], data[5].bool()
-    acc = ((d_logit > 0).float() == done)[mask].float().mean().item()
-    recall = ((d_logit > 0) & (done > 0))[mask].sum().item() / max(done[mask].sum().item(), 1)
-    return dict(test_nll=nll.item(), test_reward_bce=r_bce.item(), test_done_bce=d_bce.item(), test_done_acc=acc,
+    dev = next(model.parameters()).device
+    data = {k: t.to(dev) for k, t in data.items()}
+    nll, win_bce, done_bce, done_logit = m_losses(model, data, sample=False)
+    done, mask = data["done"], data["step_mask"].bool()
+    acc = ((done_logit > 0).float() == done)[mask].float().mean().item()
+    recall = ((done_logit > 0) & (done > 0))[mask].sum().item() / max(done[mask].sum().item(), 1)
+    return dict(test_nll=nll.item(), test_win_bce=win_bce.item(), test_done_bce=done_bce.item(), test_done_acc=acc,
                 test_done_recall=recall, always_not_done_acc=1 - done[mask].mean().item())
 
 
 def train(cfg):
+    from collect import fail
+    from vae import load_checkpoint, save_atomic, start_training
     os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
     if os.path.exists(cfg.out) and not cfg.resume:
-        fail(f"--out {cfg.out} exists; pass --resume true to continue it, or choose another path")
+        fail(f"--out {cfg.out} exists; pass --resume to continue it, or choose another path")
     if not os.path.exists(cfg.vae):
         fail(f"--vae {cfg.vae}: no such checkpoint (train V with vae.py first)")
-    if cfg.resume and os.path.exists(cfg.out) and torch.load(cfg.out, weights_only=True)["epoch"] >= cfg.epochs:
+    if cfg.resume and os.path.exists(cfg.out) and load_checkpoint(cfg.out)["epoch"] >= cfg.epochs:
         print(f"M: {cfg.out} already has {cfg.epochs} epochs, skipping")
         return load_mdnrnn(cfg.out)
     latents = cfg.latents or os.path.join(os.path.dirname(os.path.abspath(cfg.out)), "latents")
     encode_episodes(cfg.data, cfg.vae, latents)
     torch.manual_seed(cfg.seed)  # seeding, in one place: weights, z resampling and shuffling
     data, held = load_sequences(latents, cfg.seq_len, cfg.holdout)
-    train_set = [t[~held] for t in data]
-    test_set = [t[held] for t in data] if held.any() else train_set
-    z_dim = data[0].shape[-1]
+    train_set = {k: t[~held] for k, t in data.items()}
+    test_set = {k: t[held] for k, t in data.items()} if held.any() else train_set
+    z_dim, n_train = data["mu"].shape[-1], len(train_set["action"])
     model, opt, epoch, step, dev = start_training(MDNRNN(z_dim, cfg.hidden, cfg.gaussians), cfg.lr, cfg.out, cfg.resume)
-    print(f"M: {sum(p.numel() for p in model.parameters()):,} parameters, {len(train_set[0])} training "
+    print(f"M: {sum(p.numel() for p in model.parameters()):,} parameters, {n_train} training "
           f"sequences, {int(held.sum())} held-out; before training: {test_metrics(model, test_set)}")
     log = os.path.splitext(cfg.out)[0] + ".jsonl"
     while epoch < cfg.epochs:
         model.train()
         t0, tot = time.time(), np.zeros(3)
         # Each epoch's order comes from (seed, epoch): a resumed run shuffles exactly as an unbroken one.
-        perm = torch.from_numpy(np.random.default_rng([cfg.seed, epoch]).permutation(len(train_set[0])))
-        for i in tqdm(range(0, len(perm), cfg.batch_size), desc=f"M epoch {epoch + 1}/{cfg.epochs}", unit="batch"):
-            batch = [t[perm[i:i + cfg.batch_size]].to(dev) for t in train_set]
-            nll, r_bce, d_bce, _ = m_losses(model, batch)
+        perm = torch.from_numpy(np.random.default_rng([cfg.seed, epoch]).permutation(n_train))
+        for i in tqdm(range(0, n_train, cfg.batch_size), desc=f"M epoch {epoch + 1}/{cfg.epochs}", unit="batch",
+                      disable=None):  # disable=None: a bar on a terminal, none in a log file
+            batch = {k: t[perm[i:i + cfg.batch_size]].to(dev) for k, t in train_set.items()}
+            nll, win_bce, done_bce, _ = m_losses(model, batch)
             opt.zero_grad()
-            (nll + r_bce + d_bce).backward()
+            (nll + win_bce + done_bce).backward()
             nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
             step += 1
-            tot += np.array([nll.item(), r_bce.item(), d_bce.item()])
+            tot += np.array([nll.item(), win_bce.item(), done_bce.item()])
         epoch += 1
-        nb = math.ceil(len(perm) / cfg.batch_size)
-        row = dict(epoch=epoch, step=step, nll=tot[0] / nb, reward_bce=tot[1] / nb, done_bce=tot[2] / nb,
-                   **test_metrics(model, test_set), steps_per_s=float(train_set[5].sum()) / (time.time() - t0))
+        nb = math.ceil(n_train / cfg.batch_size)
+        row = dict(epoch=epoch, step=step, nll=tot[0] / nb, win_bce=tot[1] / nb, done_bce=tot[2] / nb,
+                   **test_metrics(model, test_set), steps_per_s=float(train_set["step_mask"].sum()) / (time.time() - t0))
         print("M " + " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
         save_atomic(dict(model=model.state_dict(), optimizer=opt.state_dict(), config=dataclasses.asdict(cfg),
                          z_dim=z_dim, epoch=epoch, step=step), cfg.out)
@@ -217,5 +239,6 @@ def load_mdnrnn(path):
 
 
 if __name__ == "__main__":
+    from collect import cli
     torch.set_num_threads(os.cpu_count() or 1)
     train(cli(MDNConfig))

@@ -1,12 +1,14 @@
 """V: the convolutional variational autoencoder of World Models (Ha & Schmidhuber 2018, section 2.1
 and appendix A.1) that squeezes each 64x64 leaper frame into a small latent z.
 
-Self-contained on purpose (it imports nothing of ours): copy this file alone to train a ConvVAE on
-any directory of .npz files holding an `obs` array of uint8 (T,64,64,3) frames.
+Self-contained on purpose: the model, its loss and its training import nothing of ours, so this file
+can be copied alone to train a ConvVAE on any directory of .npz files holding an `obs` array of uint8
+(T,64,64,3) frames (only its command line borrows collect.py's dataclass CLI). Its defaults are the
+pipeline's (train.py): a spatial z of 128, 4 epochs.
 
-    python vae.py --data runs/data --out runs/vae.pt --epochs 2
+    python vae.py --data runs/data --out runs/vae.pt
+    python vae.py --data runs/data --out runs/vae_flat.pt --z-dim 32 --spatial false   # Ha's flat z
 """
-import argparse
 import dataclasses
 import json
 import os
@@ -28,14 +30,14 @@ ReLU = partial(nn.ReLU, inplace=True)  # in place: the same numbers, ~15% faster
 class VAEConfig:
     data: str = "runs/data"  # directory of episode .npz files with an `obs` array (T,64,64,3) uint8
     out: str = "runs/vae.pt"  # checkpoint; a PNG of reconstructions and a .jsonl log go beside it
-    z_dim: int = 32  # size of the latent z (Ha: 32 for CarRacing, 64 for Doom)
-    spatial: bool = False  # z as an 8x8 grid of z_dim/64 channels instead of Ha's flat vector
-    epochs: int = 10  # passes over the training frames
+    z_dim: int = 128  # size of the latent z (Ha: 32 for CarRacing, 64 for Doom; spatial: a multiple of 64)
+    spatial: bool = True  # z as an 8x8 grid of z_dim/64 channels (false: Ha's flat vector)
+    epochs: int = 4  # passes over the training frames
     batch_size: int = 128  # frames per gradient step
     lr: float = 1e-3  # Adam learning rate
     beta: float = 1.0  # weight of the KL term once warmed up (1 = a true VAE)
     beta_warmup: int = 1000  # gradient steps over which beta grows linearly from 0 (seed: by hand)
-    kl_tolerance: float = 0.5  # free bits: KL below this many nats per latent dim is not penalised
+    kl_tolerance: float = 0.5  # free bits: a total KL below this many nats times z_dim is not penalised
     fg_weight: float = 10.0  # extra weight of pixels that differ from their episode's background
     fg_threshold: int = 24  # a pixel is foreground if some channel differs from the median by more
     holdout: int = 20  # every holdout-th episode is kept out of training, for the test error
@@ -112,7 +114,9 @@ def vae_loss(x, recon, mu, logvar, weight, beta, kl_tolerance):
     frog, cars and logs cover ~2% of the frame, and unweighted the VAE learns to drop them."""
     rec = (weight * (recon - x).pow(2)).sum(dim=(1, 2, 3)).mean()
     kl = kl_divergence(mu, logvar).sum(dim=1).mean()
-    # Free bits (Ha's kl_tolerance): no pressure on the KL below tolerance nats per dim.
+    # Free bits as in Ha's code (kl_tolerance): the KL summed over the latent dims (here also averaged
+    # over the batch) is not penalised below kl_tolerance * z_dim nats. It is a floor on the total, not
+    # per dim: dims may trade KL with each other.
     return rec + beta * kl.clamp(min=kl_tolerance * mu.shape[1]), rec, kl
 
 
@@ -126,7 +130,7 @@ def load_frames(data_dir, holdout, fg_threshold):
     if not files:
         sys.exit(f"error: --data {data_dir}: no .npz episode files in it")
     frames, masks, held = [], [], []
-    for k, name in enumerate(tqdm(files, desc="load frames", unit="ep")):
+    for k, name in enumerate(tqdm(files, desc="load frames", unit="ep", disable=None)):
         path = os.path.join(data_dir, name)
         try:
             with np.load(path) as d:
@@ -159,9 +163,23 @@ def reconstruction_grid(model, frames):
     return np.concatenate([np.concatenate(list(frames), 1), np.concatenate(list(recon), 1)], 0)
 
 
+def load_checkpoint(path):
+    """One checkpoint dict, loaded onto the CPU with weights_only=True (tensors and plain containers:
+    a file from elsewhere cannot run code). Anything else gives one error line naming the file."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        sys.exit(f"error: {path}: no such checkpoint")
+    except Exception as e:  # e.g. pickle.UnpicklingError for a file that would need arbitrary code
+        sys.exit(f"error: {path}: not a checkpoint of this project ({type(e).__name__}: {str(e).splitlines()[0]})")
+    if not isinstance(ckpt, dict) or "config" not in ckpt:
+        sys.exit(f"error: {path}: not a checkpoint of this project (expected a dict with a config)")
+    return ckpt
+
+
 def load_vae(path):
     """Rebuild V from its checkpoint alone (the config is inside)."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt = load_checkpoint(path)
     model = ConvVAE(ckpt["config"]["z_dim"], ckpt["config"].get("spatial", False))
     model.load_state_dict({k: v.float() for k, v in ckpt["model"].items()})
     return model.eval().to(memory_format=torch.channels_last)  # ~30% faster encoding on CPU; equal up to float rounding
@@ -192,17 +210,19 @@ def start_training(model, lr, path, resume):
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     if not (resume and os.path.exists(path)):
         return model, opt, 0, 0, dev
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt = load_checkpoint(path)
     model.load_state_dict(ckpt["model"])
     opt.load_state_dict(ckpt["optimizer"])
     return model, opt, ckpt["epoch"], ckpt["step"], dev
 
 
 def train(cfg):
+    if cfg.spatial and (cfg.z_dim < 64 or cfg.z_dim % 64):
+        sys.exit(f"error: --z-dim {cfg.z_dim}: a spatial V needs a multiple of 64 (channels x 8 x 8), or --spatial false")
     if os.path.exists(cfg.out) and not cfg.resume:
-        sys.exit(f"error: --out {cfg.out} exists; pass --resume true to continue it, or choose another path")
+        sys.exit(f"error: --out {cfg.out} exists; pass --resume to continue it, or choose another path")
     torch.manual_seed(cfg.seed)  # seeding, in one place: weights, sampling and (below) shuffling
-    if cfg.resume and os.path.exists(cfg.out) and torch.load(cfg.out, weights_only=True)["epoch"] >= cfg.epochs:
+    if cfg.resume and os.path.exists(cfg.out) and load_checkpoint(cfg.out)["epoch"] >= cfg.epochs:
         print(f"V: {cfg.out} already has {cfg.epochs} epochs, skipping")
         return load_vae(cfg.out)
     frames, masks, held = load_frames(cfg.data, cfg.holdout, cfg.fg_threshold)
@@ -222,7 +242,9 @@ def train(cfg):
         t0, tot = time.time(), np.zeros(3)
         # Each epoch's order comes from (seed, epoch): a resumed run shuffles exactly as an unbroken one.
         perm = torch.from_numpy(np.random.default_rng([cfg.seed, epoch]).permutation(train_idx))
-        for i in tqdm(range(0, len(perm), cfg.batch_size), desc=f"V epoch {epoch + 1}/{cfg.epochs}", unit="batch"):
+        bar = tqdm(range(0, len(perm), cfg.batch_size), desc=f"V epoch {epoch + 1}/{cfg.epochs}", unit="batch",
+                   disable=None)  # disable=None: a bar on a terminal, none in a log file
+        for i in bar:
             idx = perm[i:i + cfg.batch_size]
             x = to_input(frames_t[idx]).to(dev)  # (B,3,64,64)
             weight = 1 + cfg.fg_weight * masks_t[idx].unsqueeze(1).float().to(dev)  # (B,1,64,64)
@@ -249,15 +271,7 @@ def train(cfg):
     return model.cpu()
 
 
-def cli(cls, argv=None):
-    """Build an argparse CLI from a dataclass: every field becomes --kebab-case with its default."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    for f in dataclasses.fields(cls):
-        kind = (lambda s: s.lower() in ("1", "true", "yes")) if f.type in (bool, "bool") else type(f.default)
-        p.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default, help=f"default {f.default}")
-    return cls(**vars(p.parse_args(argv)))
-
-
 if __name__ == "__main__":
+    from collect import cli  # the command line only: the model, loss and training above need nothing of ours
     torch.set_num_threads(os.cpu_count() or 1)
     train(cli(VAEConfig))
