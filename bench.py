@@ -8,7 +8,6 @@ same run with the same models, the same controllers and the same levels.
 import contextlib
 import io
 import json
-import multiprocessing as mp
 import os
 import sys
 import tempfile
@@ -81,16 +80,17 @@ def naive_rollout(v, m, d, params, level_seeds, inputs, max_steps):
     """The loop of most World Models code: per candidate, per level, a gym env and batch-1 calls."""
     import gym
     steps, returns = 0, []
-    W = torch.as_tensor(params, dtype=torch.float32).view(len(params), len(collect.ACTIONS), -1)  # (P,5,D+1)
+    W = torch.as_tensor(params, dtype=torch.float32).view(len(params), len(collect.ACTIONS), -1)  # (P,5,F+1)
     for p in range(len(params)):
+        agent = controller.Agent(v, m, W[p], inputs, d)
         for s in level_seeds:
             env = gym.make("procgen:procgen-leaper-v0", start_level=int(s), num_levels=1, distribution_mode="easy")
-            obs, ret = env.reset(), 0.0
-            state, last = (torch.zeros(1, 1, m.hidden), torch.zeros(1, 1, m.hidden)), obs
+            obs, ret, first = env.reset(), 0.0, np.ones(1, dtype=bool)
+            agent.reset(1)
             for _ in range(max_steps):
-                a, state = controller.agent_step(v, m, W[p:p + 1], obs[None], state, inputs, last[None], d)
-                last = obs
-                obs, r, done, _ = env.step(int(collect.ACTIONS[a.item()]))[:4]
+                action = agent.act(obs[None], first)[0]  # a procgen id, batch of one
+                first[:] = False
+                obs, r, done, _ = env.step(int(action))[:4]
                 ret, steps = ret + r, steps + 1
                 if done:
                     break
@@ -108,12 +108,12 @@ def main(as_json):
     vpath, mpath, dpath = (os.path.join(tmp, f) for f in ("vae.pt", "mdnrnn.pt", "danger.pt"))
     torch.save(dict(model=v.state_dict(), config=dict(z_dim=Z, spatial=True)), vpath)
     torch.save(dict(model=m.state_dict(), config=dict(hidden=256, gaussians=5), z_dim=Z), mpath)
-    torch.save(dict(model=d.state_dict()), dpath)
+    torch.save(dict(model=d.state_dict(), config={}), dpath)
     v, m, d = vae.load_vae(vpath), mdnrnn.load_mdnrnn(mpath), danger.load_danger(dpath)  # as every stage loads them
     inputs = "zhd"  # the default controller: [z, h, D's logit]
-    D = controller.n_inputs(inputs, Z, 256)
-    params = np.random.default_rng(1).normal(0, 0.1, (32, 5 * (D + 1)))
-    params[:, collect.UP * (D + 1) + D] += 1.0  # lean on UP so that the episodes are of a realistic length
+    n_features = sum(controller.input_sizes(inputs, Z, 256).values())
+    params = np.random.default_rng(1).normal(0, 0.1, (32, 5 * (n_features + 1)))
+    params[:, collect.UP * (n_features + 1) + n_features] += 1.0  # lean on UP so that the episodes are of a realistic length
     levels = controller.level_draw(0, 0, 8)
     r = {}
     torch.set_num_threads(workers)
@@ -124,10 +124,10 @@ def main(as_json):
     r["vae_train_frames_per_s"] = bench_vae(vae.ConvVAE(Z, spatial=True))
     r["flat_vae_train_frames_per_s"] = bench_vae(vae.ConvVAE(32))  # Ha's V, for comparison
     r["encoder_frames_per_s"] = bench_encoder(v)
-    with mp.get_context("fork").Pool(workers, controller.init_worker, (vpath, mpath, dpath)) as pool:
+    with controller.make_pool(workers, vpath, mpath, dpath) as pool:
         # Warm-up, as in training where the pool lives for the whole run: each worker's first env
         # loads procgen's library (~1 s), once.
-        pool.map(controller.rollout_job, [(params[:1], levels[:1], "easy", inputs, 1)] * 4 * workers, chunksize=1)
+        list(pool.map(controller.rollout_job, [(params[:1], levels[:1], "easy", inputs, 1)] * 4 * workers))
         t0 = time.time()
         ours, steps = controller.fitness(pool, params, levels, "easy", inputs, workers, 250)
         r["rollout_steps_per_s"] = steps / (time.time() - t0)

@@ -6,23 +6,23 @@ and 3.4: reconstructions, and a rollout imagined by M at temperature tau).
 Every policy plays the same levels: one procgen env per episode, each counting only its first
 episode, whose level is fixed by --seed (the default differs from every training stream).
 
-    python evaluate.py --run runs --episodes 1000 --json true --pictures true
+    python evaluate.py --run runs --episodes 1000 --json
 """
 import json
 import math
 import os
 from dataclasses import dataclass
-from types import SimpleNamespace
+from typing import Literal
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from collect import ACTION_NAMES, ACTIONS, MAX_STEPS, UP, cli, fail, make_env
-from controller import NONE, agent_step, choose, features, n_inputs
+from collect import ACTION_NAMES, ACTIONS, MAX_STEPS, UP, cli, fail, make_env, random_policy
+from controller import Agent, choose, features, input_sizes
 from danger import load_danger
 from mdnrnn import load_mdnrnn, sample_next
-from vae import encode, load_vae, reconstruction_grid, to_input
+from vae import encode, load_checkpoint, load_vae, reconstruction_grid, to_input
 
 WIN = 10.0  # leaper pays 10 for reaching the finish line and nothing else
 ID_NAMES = dict(zip(ACTIONS.tolist(), ACTION_NAMES))  # procgen action id -> name
@@ -33,79 +33,55 @@ class EvalConfig:
     run: str = "runs"  # directory holding vae.pt, mdnrnn.pt and controller.pt; pictures go here too
     episodes: int = 1000  # test episodes per policy, each on its own level
     seed: int = 1_000_003  # level stream of the test: differs from every training seed
-    distribution_mode: str = ""  # easy or hard (empty: the mode the controller was trained on)
+    distribution_mode: Literal["", "easy", "hard"] = ""  # empty: the mode the controller was trained on
     json: bool = False  # print one JSON object with all the numbers as the last line of stdout
     pictures: bool = True  # write agent.gif, reconstructions.png, dream.gif and curves.png into --run
     gif_episodes: int = 4  # episodes played by the agent in agent.gif
     tau: float = 1.15  # temperature of M's dream in dream.gif (Ha: 1.15)
 
 
-class Agent:
-    """V -> C -> M as one policy over a batch of procgen envs (the interface play() expects)."""
-
-    def __init__(self, vae, mdn, params, inputs, distribution_mode, danger=None):
-        self.vae, self.mdn, self.inputs, self.distribution_mode = vae, mdn, inputs, distribution_mode
-        self.danger = danger  # D, when C reads it (inputs contain d)
-        self.weights = params.float().view(len(ACTIONS), -1)  # (5,D+1), bias last
-        self.state = self.last = None
-
-    def reset(self, num_envs):
-        H = self.mdn.hidden
-        self.state = (torch.zeros(1, num_envs, H), torch.zeros(1, num_envs, H))  # (h, c), each (1,N,H)
-        self.last = None
-
-    def act(self, obs, first, alive=None):
-        """obs uint8 (N,64,64,3), first bool (N,): a new episode starts (its memory is zeroed),
-        alive bool (N,): only these envs are computed, the others get NONE. -> procgen ids (N,)."""
-        n, first = len(obs), np.asarray(first, dtype=bool)
-        if self.state is None or self.state[0].shape[1] != n:
-            self.reset(n)
-        h, c = self.state
-        h[:, first], c[:, first] = 0.0, 0.0
-        # D's last frame: on an episode's first step, the first frame itself (as in the rollouts).
-        last = np.where(first[:, None, None, None], obs, obs if self.last is None else self.last)  # (N,64,64,3)
-        idx = np.arange(n) if alive is None else np.flatnonzero(alive)
-        actions = np.full(n, ACTIONS[NONE])
-        if len(idx):
-            a, (h_new, c_new) = agent_step(self.vae, self.mdn, self.weights, obs[idx], (h[:, idx], c[:, idx]),
-                                           self.inputs, last[idx], self.danger)
-            h[:, idx], c[:, idx] = h_new, c_new
-            actions[idx] = ACTIONS[a.numpy()]
-        self.last = obs
-        return actions
-
-
 def load_agent(run_dir):
-    """The agent of a run dir: run_dir/vae.pt, mdnrnn.pt and controller.pt (checked to fit together)."""
-    paths = {name: os.path.join(run_dir, name + ".pt") for name in ("vae", "mdnrnn", "controller")}
-    for name, path in paths.items():
-        if not os.path.exists(path):
-            fail(f"--run {run_dir}: no {name}.pt in it (train it with {name}.py, --out {path})")
-    vae, mdn = load_vae(paths["vae"]), load_mdnrnn(paths["mdnrnn"])
-    ckpt = torch.load(paths["controller"], map_location="cpu", weights_only=True)
+    """The agent of a run dir: run_dir/vae.pt, mdnrnn.pt, controller.pt and, when C reads it, danger.pt,
+    checked to fit together."""
+    paths = {name: os.path.join(run_dir, name + ".pt") for name in ("vae", "mdnrnn", "controller", "danger")}
+    for name in ("vae", "mdnrnn", "controller"):
+        if not os.path.exists(paths[name]):
+            fail(f"--run {run_dir}: no {name}.pt in it (train it with {name}.py, --out {paths[name]})")
+    vae, mdn, ckpt = load_vae(paths["vae"]), load_mdnrnn(paths["mdnrnn"]), load_checkpoint(paths["controller"])
     inputs = ckpt["config"]["inputs"]
-    D = n_inputs(inputs, vae.z_dim, mdn.hidden)
-    if (ckpt["z_dim"], ckpt["hidden"]) != (vae.z_dim, mdn.hidden) or ckpt["params"].numel() != len(ACTIONS) * (D + 1):
+    n_features = sum(input_sizes(inputs, vae.z_dim, mdn.hidden).values())
+    if (ckpt["z_dim"], ckpt["hidden"]) != (vae.z_dim, mdn.hidden) or ckpt["params"].numel() != len(ACTIONS) * (n_features + 1):
         fail(f"{paths['controller']}: trained for z_dim {ckpt['z_dim']}, hidden {ckpt['hidden']}, but "
              f"{paths['vae']} has z_dim {vae.z_dim} and {paths['mdnrnn']} hidden {mdn.hidden}")
-    path = os.path.join(run_dir, "danger.pt")
-    if "d" in inputs and not os.path.exists(path):
+    if "d" in inputs and not os.path.exists(paths["danger"]):
         fail(f"--run {run_dir}: its controller reads D, but there is no danger.pt (train it with danger.py)")
-    danger = load_danger(path) if "d" in inputs else None
-    return Agent(vae, mdn, ckpt["params"], inputs, ckpt["config"]["distribution_mode"], danger)
+    danger = load_danger(paths["danger"]) if "d" in inputs else None
+    weights = ckpt["params"].float().view(len(ACTIONS), -1)  # (5,n_features+1), bias last
+    return Agent(vae, mdn, weights, inputs, danger, ckpt["config"]["distribution_mode"])
 
 
-def random_policy(seed):
-    """Baseline: each step, each env plays one of the 5 actions uniformly (seeded numpy rng)."""
-    rng = np.random.default_rng(seed)
-    return SimpleNamespace(reset=lambda num_envs: None,
-                           act=lambda obs, first, alive=None: ACTIONS[rng.integers(len(ACTIONS), size=len(obs))])
+class RandomPolicy:
+    """Baseline: collect.py's random policy made uniform: each step, each env plays one of the 5
+    actions with equal probability (no bias toward UP, no repeats)."""
+
+    def __init__(self, seed):
+        self.seed = seed
+
+    def reset(self, num_envs):
+        self.next = random_policy(np.random.default_rng(self.seed), num_envs, up_prob=1 / len(ACTIONS), max_repeat=1)
+
+    def act(self, obs, first, alive=None):
+        return ACTIONS[self.next()]
 
 
-def always_up():
+class AlwaysUp:
     """Baseline: hop forward every step."""
-    return SimpleNamespace(reset=lambda num_envs: None,
-                           act=lambda obs, first, alive=None: np.full(len(obs), ACTIONS[UP]))
+
+    def reset(self, num_envs):
+        pass
+
+    def act(self, obs, first, alive=None):
+        return np.full(len(obs), ACTIONS[UP])
 
 
 def play(policy, episodes, seed, distribution_mode, record=False, desc="play"):
@@ -119,7 +95,7 @@ def play(policy, episodes, seed, distribution_mode, record=False, desc="play"):
     _, obs, first = env.observe()  # first: all True
     alive, returns, lengths = np.ones(episodes, dtype=bool), np.zeros(episodes), np.zeros(episodes, dtype=np.int64)
     frames = [dict(obs=[], action=[]) for _ in range(episodes if record else 0)]
-    for _ in tqdm(range(MAX_STEPS), desc=desc, unit="step", leave=False):
+    for _ in tqdm(range(MAX_STEPS), desc=desc, unit="step", leave=False, disable=None):
         actions = policy.act(obs["rgb"], first, alive)  # (E,) procgen ids
         for i in np.flatnonzero(alive) if record else ():
             frames[i]["obs"].append(obs["rgb"][i])
@@ -179,14 +155,14 @@ def save_gif(path, frames, duration):
     from PIL import Image
     sample = np.concatenate(frames[::max(len(frames) // 16, 1)], 0)  # (k*H,W,3)
     palette = Image.fromarray(sample).quantize(64, dither=Image.Dither.NONE)
-    quantize = lambda f: np.asarray(Image.fromarray(f).quantize(palette=palette, dither=Image.Dither.NONE).convert("RGB"))
-    imageio.mimsave(path, [quantize(f) for f in frames], duration=duration, loop=0)
+    quantized = [Image.fromarray(f).quantize(palette=palette, dither=Image.Dither.NONE).convert("RGB") for f in frames]
+    imageio.mimsave(path, [np.asarray(f) for f in quantized], duration=duration, loop=0)
 
 
 def agent_gif(agent, recorded, path):
     """Each frame: the real frame | V's reconstruction, x4, with the action the agent chose."""
     gif = []
-    for k, ep in enumerate(tqdm(recorded, desc="agent.gif", unit="ep")):
+    for k, ep in enumerate(tqdm(recorded, desc="agent.gif", unit="ep", disable=None)):
         recon = decode(agent.vae, torch.from_numpy(encode(agent.vae, ep["obs"])[0]))  # from mu
         pairs = np.concatenate([ep["obs"], recon], 2)  # (T,64,128,3)
         for t, (img, a) in enumerate(zip(pairs, ep["action"])):
@@ -205,9 +181,9 @@ def dream(agent, frame, steps=60, tau=1.15, seed=0):
     for _ in range(steps):
         # D, if C reads it, looks at V's pictures of the dream: this one and the one before.
         d = agent.danger(frames[-1], frames[-2 if len(frames) > 1 else -1]) if agent.danger else None
-        a = choose(agent.weights, features(z, state, agent.inputs, d))  # (1,): C on M's z, no frame to encode
-        mix, r_logit, d_logit, state = agent.mdn.step(z, a, state)
-        z, win, done = sample_next(*mix, r_logit, d_logit, tau)
+        a = choose(agent.weights, features(z, state[0][0], agent.inputs, d))  # (1,): C on M's z, no frame to encode
+        mix, win_logit, done_logit, state = agent.mdn.step(z, a, state)
+        z, win, done = sample_next(*mix, win_logit, done_logit, tau)
         frames, actions, wins = frames + [decode(agent.vae, z)], actions + [int(a)], wins + [bool(win)]
         if done.item():
             break
@@ -216,10 +192,20 @@ def dream(agent, frame, steps=60, tau=1.15, seed=0):
 
 def dream_gif(agent, frame, tau, path):
     frames, actions, wins, done = dream(agent, frame, tau=tau)
-    text = lambda t: (f"start | dream tau={tau} t={t}" + (f" {ACTION_NAMES[actions[t]]}" if t < len(actions) else "")
-                      + (" WIN" if t and wins[t - 1] else "") + (" done" if done and t == len(actions) else ""))
-    gif = [caption(upscale(np.concatenate([frame, img], 1)), text(t)) for t, img in enumerate(frames)]  # (64,128,3)
+    gif = []
+    for t, img in enumerate(frames):
+        text = f"start | dream tau={tau} t={t}"
+        text += f" {ACTION_NAMES[actions[t]]}" if t < len(actions) else ""
+        text += " WIN" if t and wins[t - 1] else ""
+        text += " done" if done and t == len(actions) else ""  # M's done head fired: the dream ends
+        gif.append(caption(upscale(np.concatenate([frame, img], 1)), text))  # (64,128,3), x4
     save_gif(path, gif + gif[-1:] * 10, duration=100)  # hold the last frame a second
+
+
+def read_jsonl(path):
+    """The rows of a .jsonl log, one dict per line."""
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
 
 
 def curves_png(run_dir, path):
@@ -228,12 +214,11 @@ def curves_png(run_dir, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     panels = [("vae", "epoch", ["loss", "recon", "test_sq_err"], ["kl"], "V: summed squared error / KL"),
-              ("mdnrnn", "epoch", ["nll", "test_nll"], ["reward_bce", "done_bce"], "M: z NLL / reward, done BCE"),
+              ("mdnrnn", "epoch", ["nll", "test_nll"], ["win_bce", "done_bce"], "M: z NLL / win, done BCE"),
               ("danger", "epoch", ["test_auc"], ["bce"], "D: held-out AUC / BCE"),
               ("controller", "generation", ["best", "mean", "val_mean"], [], "C: return (CMA-ES)")]
-    logs = {name: os.path.join(run_dir, name + ".jsonl") for name, *_ in panels}
-    panels = [([json.loads(line) for line in open(logs[name]) if line.strip()], *rest)
-              for name, *rest in panels if os.path.exists(logs[name])]
+    panels = [(read_jsonl(os.path.join(run_dir, name + ".jsonl")), *rest) for name, *rest in panels
+              if os.path.exists(os.path.join(run_dir, name + ".jsonl"))]
     if not panels:
         return False
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
@@ -256,7 +241,8 @@ def curves_png(run_dir, path):
 
 def pictures(agent, cfg, mode):
     """agent.gif, reconstructions.png, dream.gif and curves.png in the run dir; returns their paths."""
-    path = lambda name: os.path.join(cfg.run, name)
+    def path(name):
+        return os.path.join(cfg.run, name)
     recorded = play(agent, max(cfg.gif_episodes, 1), cfg.seed, mode, record=True, desc="record")[2]  # first levels
     if cfg.gif_episodes > 0:
         agent_gif(agent, recorded, path("agent.gif"))
@@ -278,7 +264,7 @@ def main(cfg):
     if mode not in ("easy", "hard"):
         fail(f"--distribution-mode {mode!r}: expected easy or hard")
     results = {name: summarize(*play(policy, cfg.episodes, cfg.seed, mode, desc=name)) for name, policy in
-               (("agent", agent), ("random", random_policy(cfg.seed)), ("always_up", always_up()))}
+               (("agent", agent), ("random", RandomPolicy(cfg.seed)), ("always_up", AlwaysUp()))}
     print(f"{cfg.run}: {cfg.episodes} {mode} levels of seed {cfg.seed} per policy")
     print(f"{'policy':<10} {'episodes':>8} {'win rate':>8}  {'95% CI':<16} {'mean return':>11} {'mean length':>11}")
     for name, r in results.items():

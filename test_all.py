@@ -37,11 +37,11 @@ def tiny_run(tmp_path_factory):
     """A whole (badly trained) V, M and C in a run dir, made in well under a minute."""
     run = tmp_path_factory.mktemp("run")
     collect_quiet(run / "data", episodes=24, num_envs=8)
-    vae.train(VAEConfig(data=str(run / "data"), out=str(run / "vae.pt"), z_dim=8, epochs=1, batch_size=64))
+    vae.train(VAEConfig(data=str(run / "data"), out=str(run / "vae.pt"), z_dim=8, spatial=False, epochs=1, batch_size=64))
     mdnrnn.train(MDNConfig(data=str(run / "data"), vae=str(run / "vae.pt"), out=str(run / "mdnrnn.pt"),
                            hidden=16, gaussians=2, epochs=1))
     controller.train(CConfig(vae=str(run / "vae.pt"), mdnrnn=str(run / "mdnrnn.pt"), out=str(run / "controller.pt"),
-                             generations=1, popsize=4, levels=2, eval_every=1, eval_levels=2, workers=1))
+                             inputs="zh", generations=1, popsize=4, levels=2, eval_every=1, eval_levels=2, workers=1))
     return run
 
 
@@ -215,7 +215,7 @@ def test_vae_checkpoint_roundtrip_resume_and_no_overwrite(tiny_run):
 
 def test_vae_resume_continues_training(tmp_path):
     collect_quiet(tmp_path / "d", episodes=4, num_envs=4)
-    cfg = VAEConfig(data=str(tmp_path / "d"), out=str(tmp_path / "v.pt"), z_dim=4, epochs=1, batch_size=64, holdout=0)
+    cfg = VAEConfig(data=str(tmp_path / "d"), out=str(tmp_path / "v.pt"), z_dim=4, spatial=False, epochs=1, batch_size=64, holdout=0)
     vae.train(cfg)
     vae.train(VAEConfig(**{**cfg.__dict__, "epochs": 2, "resume": True}))
     ckpt = torch.load(tmp_path / "v.pt", weights_only=True)
@@ -244,7 +244,8 @@ def synthetic_batch(B=16, L=10, Z=3, pad=0, seed=0):
         z.append(0.9 * z[-1].roll(1, -1) + 0.3 * (action[:, t:t + 1] - 2).float())
     mu = torch.stack(z, 1)  # (B,L+pad+1,Z)
     step = (torch.arange(L + pad) < L).float().expand(B, -1).clone()
-    return [mu, torch.full_like(mu, -20.0), action, (action == 3).float(), (action == 4).float(), step, step.clone()]
+    return dict(mu=mu, logvar=torch.full_like(mu, -20.0), action=action, win=(action == 3).float(),
+                done=(action == 4).float(), step_mask=step, next_mask=step.clone())
 
 
 def test_padding_does_not_change_the_loss():
@@ -252,10 +253,10 @@ def test_padding_does_not_change_the_loss():
     m = mdnrnn.MDNRNN(3, 16, 2)
     a = synthetic_batch()
     b = synthetic_batch(pad=5)  # 5 extra steps, masked out
-    for x, y in zip(a, b):
-        y[:, :x.shape[1]] = x  # the same real steps as a
-    b[0][:, 11:] = 99.0  # garbage in the padded frames must not matter
-    b[2][:, 10:] = 4
+    for k in a:
+        b[k][:, :a[k].shape[1]] = a[k]  # the same real steps as a
+    b["mu"][:, 11:] = 99.0  # garbage in the padded frames must not matter
+    b["action"][:, 10:] = 4
     la = [x.item() for x in mdnrnn.m_losses(m, a, sample=False)[:3]]
     lb = [x.item() for x in mdnrnn.m_losses(m, b, sample=False)[:3]]
     assert np.allclose(la, lb, rtol=1e-5), (la, lb)
@@ -275,13 +276,13 @@ def test_tiny_m_learns_dynamics_and_heads():
     nll, r, d, d_logit = mdnrnn.m_losses(m, synthetic_batch(B=64, seed=1), sample=False)  # new sequences
     assert nll.item() < start[0] - 8 and nll.item() < 0  # sharp density: a negative NLL is normal
     assert r.item() < 0.3 and d.item() < 0.3, (r.item(), d.item())  # from ~0.69 = a coin flip
-    assert ((d_logit > 0).float() == synthetic_batch(B=64, seed=1)[4]).float().mean() > 0.9  # base rate 0.8
+    assert ((d_logit > 0).float() == synthetic_batch(B=64, seed=1)["done"]).float().mean() > 0.9  # base rate 0.8
     # the mean of the most likely component predicts z_{t+1}
     test = synthetic_batch(B=8, seed=2)
-    (logit_pi, mu, _), _, _, _ = m(test[0][:, :-1], test[2])
+    (logit_pi, mu, _), _, _, _ = m(test["mu"][:, :-1], test["action"])
     best = mu.gather(-1, logit_pi.argmax(-1, keepdim=True)).squeeze(-1)  # (B,L,Z)
-    err = (best - test[0][:, 1:]).abs().mean()
-    assert err < 0.1 and err < 0.2 * (test[0][:, :-1] - test[0][:, 1:]).abs().mean()  # far better than "z stays"
+    err = (best - test["mu"][:, 1:]).abs().mean()
+    assert err < 0.1 and err < 0.2 * (test["mu"][:, :-1] - test["mu"][:, 1:]).abs().mean()  # far better than "z stays"
 
 
 def test_tau_to_zero_samples_the_most_likely_mean():
@@ -316,10 +317,14 @@ def test_m_trains_on_encoded_episodes(tiny_run):
         ep = collect.load_episode(str(tiny_run / "data" / os.path.basename(lat[0])))
         assert d["mu"].shape == (len(ep["action"]), 8) and np.array_equal(d["action"], ep["action"])
     data, held = mdnrnn.load_sequences(str(tiny_run / "latents"), 32, 20)
-    assert data[5].sum() == sum(len(np.load(f)["action"]) for f in lat)  # every step once
+    assert data["step_mask"].sum() == sum(len(np.load(f)["action"]) for f in lat)  # every step once
 
 
 # ---------------------------------------------------------------- controller.py
+
+def n_features(inputs, z_dim=8, hidden=16):
+    return sum(controller.input_sizes(inputs, z_dim, hidden).values())
+
 
 def up_params(D):
     w = np.zeros((5, D + 1))
@@ -329,7 +334,7 @@ def up_params(D):
 
 def test_always_up_controller_matches_the_baseline(tiny_run):
     v, m = vae.load_vae(str(tiny_run / "vae.pt")), mdnrnn.load_mdnrnn(str(tiny_run / "mdnrnn.pt"))
-    D = controller.n_inputs("zh", 8, 16)
+    D = n_features("zh")
     returns, steps = controller.rollout(v, m, up_params(D)[None], controller.level_draw(7, 0, 400), "easy", "zh")
     win = (returns == 10).mean()
     assert returns.shape == (1, 400) and steps > 400
@@ -337,23 +342,22 @@ def test_always_up_controller_matches_the_baseline(tiny_run):
 
 
 def test_danger_prior_starts_at_up_unless_d_says_deadly():
-    D = controller.n_inputs("zhd", 8, 16)
+    D = n_features("zhd")
     x0 = controller.start_point(5 * (D + 1), "zhd", danger_prior=1.0)
     f = torch.randn(500, D) * 3  # (n,D): z, h and d = the last column, of any sign
     a = controller.choose(torch.as_tensor(x0, dtype=torch.float32), f).numpy()
-    assert np.array_equal(a, np.where(f[:, -1].numpy() < 0, collect.UP, controller.NONE))
+    assert np.array_equal(a, np.where(f[:, -1].numpy() < 0, collect.UP, collect.NONE))
     assert not controller.start_point(5 * (D + 1), "zhd").any()  # no prior: CMA-ES starts at zero
 
 
 def test_pool_equals_serial(tiny_run):
     v, m = str(tiny_run / "vae.pt"), str(tiny_run / "mdnrnn.pt")
-    X = np.random.default_rng(0).normal(0, 0.5, (4, 5 * (controller.n_inputs("zh", 8, 16) + 1)))
+    X = np.random.default_rng(0).normal(0, 0.5, (4, 5 * (n_features("zh") + 1)))
     levels = controller.level_draw(1, 0, 6)
     controller.init_worker(v, m)
     serial, s1 = controller.fitness(None, X, levels, "easy", "zh", workers=2)
     torch.set_num_threads(2)
-    import multiprocessing as mp
-    with mp.get_context("fork").Pool(2, controller.init_worker, (v, m)) as pool:
+    with controller.make_pool(2, v, m) as pool:
         pooled, s2 = controller.fitness(pool, X, levels, "easy", "zh", workers=2)
     assert np.array_equal(serial, pooled) and s1 == s2
 
@@ -373,7 +377,7 @@ def test_controller_checkpoint_and_resume(tiny_run, tmp_path):
     assert ckpt["generation"] == 1 and ckpt["params"].shape == (5 * (8 + 16 + 1),) and ckpt["env_steps"] > 0
     out = tmp_path / "c.pt"
     base = dict(vae=str(tiny_run / "vae.pt"), mdnrnn=str(tiny_run / "mdnrnn.pt"), out=str(out), popsize=4,
-                levels=2, eval_every=1, eval_levels=2, workers=1)
+                levels=2, eval_every=1, eval_levels=2, workers=1, inputs="zh")
     controller.train(CConfig(generations=1, **base))
     controller.train(CConfig(generations=2, resume=True, **base))
     resumed = torch.load(out, weights_only=True)
@@ -408,7 +412,7 @@ def test_agent_actions_alive_and_first(tiny_run):
     # A finished env gets NONE (procgen id 4) and its memory is left alone.
     h1 = agent.state[0][:, 1].clone()
     a = agent.act(obs, np.zeros(3, dtype=bool), alive=np.array([True, False, True]))
-    assert a[1] == collect.ACTIONS[controller.NONE] == 4 and torch.equal(agent.state[0][:, 1], h1)
+    assert a[1] == collect.ACTIONS[collect.NONE] == 4 and torch.equal(agent.state[0][:, 1], h1)
     for _ in range(3):
         agent.act(obs, np.zeros(3, dtype=bool))
     # first[i] zeroes env i's (h, c) before acting: env 0 now matches a fresh agent, env 1 does not.
@@ -438,7 +442,7 @@ def test_every_policy_meets_the_same_levels():
 
 def test_play_is_deterministic_and_counts_first_episodes_only(tiny_run, one_torch_thread):
     agent = evaluate.load_agent(str(tiny_run))
-    for make in (lambda: evaluate.random_policy(5), lambda: agent):
+    for make in (lambda: evaluate.RandomPolicy(5), lambda: agent):
         r1, l1 = evaluate.play(make(), 24, TEST_SEED, "easy")
         r2, l2 = evaluate.play(make(), 24, TEST_SEED, "easy")
         assert np.array_equal(r1, r2) and np.array_equal(l1, l2)
@@ -452,13 +456,14 @@ def test_agent_plays_exactly_like_the_training_rollout(tiny_run, one_torch_threa
     agent = evaluate.load_agent(str(tiny_run))
     levels = [info["level_seed"] for info in collect.make_env(12, "easy", seed=TEST_SEED).get_info()]
     returns, _ = evaluate.play(agent, 12, TEST_SEED, "easy")
-    trained, _ = controller.rollout(agent.vae, agent.mdn, agent.weights.reshape(1, -1).numpy(), levels, "easy", agent.inputs)
+    trained, _ = controller.rollout(agent.vae, agent.mdn, agent.weights.reshape(1, -1).numpy(), levels, "easy",
+                                    agent.inputs)
     assert np.array_equal(returns, trained[0])
 
 
 def test_always_up_wins_a_third_of_easy_levels():
     """Measured: 32.8% over 2000 held-out easy levels; 300 episodes have std 2.7%: tolerance 3 std."""
-    returns, lengths = evaluate.play(evaluate.always_up(), 300, TEST_SEED, "easy")
+    returns, lengths = evaluate.play(evaluate.AlwaysUp(), 300, TEST_SEED, "easy")
     s = evaluate.summarize(returns, lengths)
     assert abs(s["win_rate"] - 0.328) < 0.08, s
     assert s["mean_return"] == pytest.approx(10 * s["win_rate"])
@@ -477,7 +482,7 @@ def test_lookahead_ceiling_wins_where_always_up_dies():
     """The cheating ceiling (96% on 200 held-out easy levels) must beat always-UP on the same levels,
     and cloning the state must leave the played env untouched: same result twice."""
     lookahead = load_probe("probe_lookahead").lookahead
-    up, _ = evaluate.play(evaluate.always_up(), 10, TEST_SEED, "easy")
+    up, _ = evaluate.play(evaluate.AlwaysUp(), 10, TEST_SEED, "easy")
     la, lengths = evaluate.play(lookahead("easy"), 10, TEST_SEED, "easy")
     assert (la == 10).sum() >= 8 and (la == 10).sum() > (up == 10).sum() + 3, (la, up)
     assert np.array_equal(evaluate.play(lookahead("easy"), 10, TEST_SEED, "easy")[1], lengths)
@@ -514,7 +519,7 @@ def test_wilson_and_summarize():
 
 
 def test_cli_json_and_pictures(tiny_run, capsys, one_torch_thread):
-    argv = ["--run", str(tiny_run), "--episodes", "12", "--json", "true", "--pictures", "true", "--gif-episodes", "1"]
+    argv = ["--run", str(tiny_run), "--episodes", "12", "--json", "--pictures", "true", "--gif-episodes", "1"]
     evaluate.main(collect.cli(evaluate.EvalConfig, argv))
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])  # the JSON is the last line
     assert (res["distribution_mode"], res["seed"], res["episodes"]) == ("easy", TEST_SEED, 12)
@@ -570,7 +575,7 @@ def test_c_reads_d(tiny_run, tmp_path, one_torch_thread):
     """C on zhd: the only weight on d says "wait when D says deadly". A D that always says deadly
     makes the frog stand until the cap; one that never does makes it always-UP."""
     v, m = vae.load_vae(str(tiny_run / "vae.pt")), mdnrnn.load_mdnrnn(str(tiny_run / "mdnrnn.pt"))
-    D = controller.n_inputs("zhd", 8, 16)
+    D = n_features("zhd")
     w = np.zeros((5, D + 1))
     w[collect.UP, -1], w[collect.UP, -2] = 1.0, -1.0  # UP's score: 1 - d; the others 0
     levels = controller.level_draw(3, 0, 6)
@@ -588,14 +593,16 @@ def test_c_reads_d(tiny_run, tmp_path, one_torch_thread):
 
 # ---------------------------------------------------------------- train.py
 
-def test_d_and_its_input_go_together(tmp_path):
+def test_d_and_its_input_go_together(tmp_path, tiny_run):
     import train
     with pytest.raises(SystemExit) as e:  # C would read a D that no stage trains
         train.run(train.parse_args(["--preset", "tiny", "--out", str(tmp_path / "r"), "--danger-steps", "0"]))
     assert "--danger-steps 0" in str(e.value) and not os.path.exists(tmp_path / "r")
-    with pytest.raises(SystemExit) as e:
-        controller.train(CConfig(out=str(tmp_path / "c.pt"), inputs="zhd"))
-    assert str(e.value).startswith("error: --inputs zhd") and "\n" not in str(e.value)
+    with pytest.raises(SystemExit) as e:  # C on d without a D checkpoint
+        controller.train(CConfig(out=str(tmp_path / "c.pt"), inputs="zhd", vae=str(tiny_run / "vae.pt"),
+                                 mdnrnn=str(tiny_run / "mdnrnn.pt"), danger=str(tmp_path / "no.pt")))
+    assert str(e.value).startswith("error: --danger") and "\n" not in str(e.value)
+    assert not os.path.exists(tmp_path / "c.pt")
 
 
 def test_train_tiny_end_to_end_then_skips(tmp_path):
@@ -622,3 +629,103 @@ def test_train_tiny_end_to_end_then_skips(tmp_path):
     refused = run_cli("train.py", "--preset", "tiny", "--out", str(out), "--eval-episodes", "0",
                       "--export", str(tmp_path / "exported"))
     assert refused.returncode != 0 and "exists" in refused.stderr.strip().splitlines()[-1]
+
+
+# ---------------------------------------------------------------- the command line, modules alone, faults
+
+def test_cli_booleans_help_and_choices(capsys):
+    parse = lambda *argv: collect.cli(evaluate.EvalConfig, list(argv))  # noqa: E731
+    assert parse("--json").json is True and parse("--json", "false").json is False
+    assert parse("--json", "yes", "--pictures", "0").pictures is False and parse().json is False
+    for bad in (["--json", "ture"], ["--distribution-mode", "medium"], ["--episodes", "many"]):
+        with pytest.raises(SystemExit) as e:
+            parse(*bad)
+        assert e.value.code == 2 and bad[0] in capsys.readouterr().err  # argparse names the flag
+    with pytest.raises(SystemExit):
+        collect.cli(CConfig, ["--help"])
+    out = " ".join(capsys.readouterr().out.split())  # --help, re-wrapped: every field's comment and default
+    assert "what C reads: z, [z, h] (Ha's C), or [z, h] and D's logit d (default: zhd)" in out
+    assert "{z,zh,zhd}" in out and "--resume [BOOL]" in out
+
+
+def test_module_defaults_are_the_pipelines():
+    import train
+    t = train.TrainConfig()
+    assert (VAEConfig.z_dim, VAEConfig.spatial, VAEConfig.epochs) == (t.z_dim, t.spatial, t.vae_epochs)
+    assert (MDNConfig.hidden, MDNConfig.gaussians, MDNConfig.epochs) == (t.hidden, t.gaussians, t.mdn_epochs)
+    assert (CConfig.generations, CConfig.inputs, CConfig.popsize, CConfig.levels) == (
+        t.generations, t.inputs, t.popsize, t.levels)
+    assert (CollectConfig.episodes, danger.DangerConfig.steps, danger.DangerConfig.epochs) == (
+        t.episodes, t.danger_steps, t.danger_epochs)
+
+
+@pytest.mark.parametrize("module", ["vae", "mdnrnn"])
+def test_model_modules_work_copied_alone(tmp_path, module):
+    """A student copies vae.py or mdnrnn.py into coursework: the model, loss and sampling must import."""
+    shutil.copy(os.path.join(HERE, module + ".py"), tmp_path)
+    code = {"vae": "import vae, torch; m = vae.ConvVAE(128, spatial=True); x = torch.rand(2, 3, 64, 64); "
+                   "print(vae.vae_loss(x, *m(x), torch.ones(2, 1, 64, 64), 1.0, 0.5)[0].item() > 0)",
+            "mdnrnn": "import mdnrnn, torch; m = mdnrnn.MDNRNN(4, 8, 2); mix, w, d, s = m.step(torch.zeros(3, 4), "
+                      "torch.zeros(3)); z = mdnrnn.sample_next(*mix, w, d, 1.0)[0]; "
+                      "print(mdnrnn.mdn_nll(*[t[:, 0] for t in mix], z).shape == (3,))"}[module]
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": ""})
+    assert r.returncode == 0 and r.stdout.strip() == "True", r.stderr[-2000:]
+
+
+class RunsCode:
+    """An object whose unpickling would run code (here: create a file)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_checkpoints_with_pickled_objects_are_refused(tmp_path):
+    marker, path = tmp_path / "was-unpickled", tmp_path / "evil.pt"
+    torch.save(dict(config={}, model={}, payload=RunsCode(str(marker))), path)
+    for load in (vae.load_checkpoint, vae.load_vae, danger.load_danger):
+        with pytest.raises(SystemExit) as e:
+            load(str(path))
+        assert str(path) in str(e.value) and "not a checkpoint" in str(e.value) and "\n" not in str(e.value)
+    assert not marker.exists()
+    np.save(tmp_path / "x.npy", np.zeros(3))
+    with pytest.raises(SystemExit):
+        vae.load_checkpoint(str(tmp_path / "x.npy"))  # not a checkpoint at all
+
+
+def killing_rollout(marker, always):
+    """controller.rollout that SIGKILLs its own worker process (as the OOM killer would): the first
+    time only, or always."""
+    real = controller.rollout
+
+    def rollout(*args, **kw):
+        if always or not os.path.exists(marker):
+            open(marker, "w").close()
+            os.kill(os.getpid(), 9)
+        return real(*args, **kw)
+    return rollout
+
+
+def test_a_killed_worker_is_replaced_and_the_run_stays_exact(tiny_run, tmp_path, monkeypatch, capsys):
+    base = dict(vae=str(tiny_run / "vae.pt"), mdnrnn=str(tiny_run / "mdnrnn.pt"), inputs="zh", generations=2,
+                popsize=4, levels=2, eval_every=1, eval_levels=2, workers=2)
+    controller.train(CConfig(out=str(tmp_path / "straight.pt"), **base))
+    monkeypatch.setattr(controller, "rollout", killing_rollout(str(tmp_path / "killed"), always=False))
+    controller.train(CConfig(out=str(tmp_path / "killed.pt"), **base))  # the pool forks: workers get the patch
+    assert "a fitness worker died in generation 1; replaying it" in capsys.readouterr().out
+    a, b = (torch.load(tmp_path / f, weights_only=True) for f in ("straight.pt", "killed.pt"))
+    assert torch.equal(a["params"], b["params"]) and a["env_steps"] == b["env_steps"]
+    assert torch.equal(a["cma_x"], b["cma_x"]) and a["cma_x"].shape == (2, 4, 5 * (n_features("zh") + 1))
+
+
+def test_workers_that_keep_dying_stop_the_run_with_one_line(tiny_run, tmp_path, monkeypatch):
+    monkeypatch.setattr(controller, "rollout", killing_rollout(str(tmp_path / "killed"), always=True))
+    cfg = CConfig(vae=str(tiny_run / "vae.pt"), mdnrnn=str(tiny_run / "mdnrnn.pt"), inputs="zh", generations=2,
+                  popsize=4, levels=2, workers=2, out=str(tmp_path / "c.pt"))
+    with pytest.raises(SystemExit) as e:
+        controller.train(cfg)
+    assert "workers died twice in generation 1" in str(e.value) and "--resume" in str(e.value)
+    assert not os.path.exists(cfg.out)  # nothing half-written

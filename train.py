@@ -16,6 +16,7 @@ import json
 import os
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -30,8 +31,8 @@ import vae
 @dataclass
 class TrainConfig:
     out: str = ""  # run dir (default: runs/<distribution-mode>-<preset>)
-    preset: str = "default"  # tiny (minutes), default (<= 30 min on 2 cores) or paper (the seed's sizes)
-    distribution_mode: str = "easy"  # procgen difficulty: easy or hard (the seed report used hard)
+    preset: Literal["tiny", "default", "paper"] = "default"  # tiny (minutes), default (<= 30 min on 2 cores), paper
+    distribution_mode: Literal["easy", "hard"] = "easy"  # procgen difficulty (the seed report used hard)
     seed: int = 0  # one seed for every stage
     episodes: int = 2000  # random rollouts collected for V and M
     up_prob: float = 0.4  # collection policy: probability that a new random action is UP
@@ -39,7 +40,7 @@ class TrainConfig:
     spatial: bool = True  # V's z as an 8x8 grid (sees the frog and cars in minutes) or Ha's flat vector
     vae_epochs: int = 4  # passes of V over the frames
     fg_weight: float = 10.0  # V's extra weight on pixels that move (frog, cars, logs)
-    kl_tolerance: float = 0.5  # V's free bits per latent dim
+    kl_tolerance: float = 0.5  # V's free bits: a KL below this many nats times z_dim is not penalised
     hidden: int = 256  # M's LSTM units
     gaussians: int = 5  # M's mixture components per latent dim
     mdn_epochs: int = 10  # passes of M over the sequences
@@ -52,7 +53,7 @@ class TrainConfig:
     sigma0: float = 0.5  # CMA-ES initial step size
     up_bias: float = 0.0  # CMA-ES starts at "always UP" with this bias on UP (0: starts at zero)
     danger_prior: float = 1.0  # CMA-ES starts at "UP iff D's logit < 0, else no-op" (0: starts at zero)
-    inputs: str = "zhd"  # controller inputs: z, zh, zhc, or zhd ([z, h] and D's danger; needs danger_steps)
+    inputs: Literal["z", "zh", "zhd"] = "zhd"  # what C reads: z, [z, h] (Ha's), [z, h] and D's logit (needs D)
     eval_every: int = 5  # generations between re-tests of the CMA mean and best
     eval_levels: int = 64  # levels of those re-tests
     workers: int = 0  # rollout processes (0 = one per core)
@@ -82,14 +83,13 @@ def export(run_dir, dest):
     """The checkpoints without optimizer or CMA state, weights in float16: a few MB that
     evaluate.py --run DEST plays as it is (the loaders cast back to float32)."""
     os.makedirs(dest)  # never into an existing dir (run() refuses one before training)
-    half = lambda sd: {k: v.half() if v.is_floating_point() else v for k, v in sd.items()}
     for name, drop in (("vae.pt", ("optimizer",)), ("mdnrnn.pt", ("optimizer",)), ("danger.pt", ()),
-                       ("controller.pt", ("cma_state",))):
+                       ("controller.pt", ("cma_x", "cma_fitness"))):
         if not os.path.exists(os.path.join(run_dir, name)):
             continue  # a run without D
-        ckpt = {k: v for k, v in torch.load(os.path.join(run_dir, name), weights_only=True).items() if k not in drop}
+        ckpt = {k: v for k, v in vae.load_checkpoint(os.path.join(run_dir, name)).items() if k not in drop}
         if "model" in ckpt:
-            ckpt["model"] = half(ckpt["model"])
+            ckpt["model"] = {k: v.half() if v.is_floating_point() else v for k, v in ckpt["model"].items()}
         vae.save_atomic(ckpt, os.path.join(dest, name))
     print(f"exported the agent of {run_dir} to {dest}")
 
@@ -101,7 +101,9 @@ def run(cfg):
         collect.fail(f"--inputs {cfg.inputs} with --danger-steps {cfg.danger_steps}: C reads D (d) exactly when D is trained")
     t0 = time.time()
     os.makedirs(cfg.out, exist_ok=True)
-    path = lambda name: os.path.join(cfg.out, name)
+
+    def path(name):
+        return os.path.join(cfg.out, name)
     with open(path("train_config.json"), "w") as f:
         json.dump(dataclasses.asdict(cfg), f, indent=1)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -126,17 +128,17 @@ def run(cfg):
     if cfg.danger_steps and not os.path.exists(path("danger.pt")):  # D has no resume: minutes, all or nothing
         danger.train(danger.DangerConfig(out=path("danger.pt"), distribution_mode=cfg.distribution_mode,
                                          steps=cfg.danger_steps, epochs=cfg.danger_epochs, seed=cfg.seed))
-    d_steps = torch.load(path("danger.pt"), weights_only=True)["env_steps"] if cfg.danger_steps else 0
+    d_steps = vae.load_checkpoint(path("danger.pt"))["env_steps"] if cfg.danger_steps else 0
     print("== 5/5 evolve C")
     ccfg = controller.CConfig(vae=path("vae.pt"), mdnrnn=path("mdnrnn.pt"), out=path("controller.pt"),
-                              danger=path("danger.pt") if cfg.danger_steps else "",
+                              danger=path("danger.pt"),
                               distribution_mode=cfg.distribution_mode, generations=cfg.generations,
                               popsize=cfg.popsize, levels=cfg.levels, max_steps=cfg.max_steps, sigma0=cfg.sigma0,
                               up_bias=cfg.up_bias, danger_prior=cfg.danger_prior, inputs=cfg.inputs,
                               eval_every=cfg.eval_every, eval_levels=cfg.eval_levels, workers=cfg.workers,
                               seed=cfg.seed, resume=True)
     controller.train(ccfg)
-    c_steps = torch.load(path("controller.pt"), weights_only=True)["env_steps"]
+    c_steps = vae.load_checkpoint(path("controller.pt"))["env_steps"]
     summary = dict(run=cfg.out, minutes=(time.time() - t0) / 60, collect_env_steps=c["env_steps"],
                    danger_env_steps=int(d_steps), controller_env_steps=int(c_steps),
                    env_steps=int(c["env_steps"] + d_steps + c_steps))

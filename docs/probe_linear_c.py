@@ -19,8 +19,8 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo's modules
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # docs/, for the look-ahead probe
 from collect import ACTIONS, UP, cli  # noqa: E402
-from controller import features  # noqa: E402
-from evaluate import Agent, always_up, play, summarize  # noqa: E402
+from controller import Agent, features  # noqa: E402
+from evaluate import AlwaysUp, play, summarize  # noqa: E402
 from mdnrnn import load_mdnrnn  # noqa: E402
 from probe_lookahead import lookahead  # noqa: E402
 from vae import encode, load_vae  # noqa: E402
@@ -35,7 +35,7 @@ class ProbeConfig:
     distribution_mode: str = "easy"  # game mode of the run
     episodes: int = 300  # look-ahead episodes to imitate (training levels, seed 5)
     test_episodes: int = 200  # held-out levels (the evaluation seed) each fitted C plays
-    inputs: str = "zh,h"  # comma-separated feature sets to try (z, zh, h, zhc)
+    inputs: str = "zh,h"  # comma-separated feature sets to try (z, zh, h)
     seed: int = 0  # seeds torch
 
 
@@ -86,16 +86,16 @@ if __name__ == "__main__":
     print(f"{len(y)} steps; the look-ahead's actions: " + ", ".join(f"{n} {f:.0%}" for n, f in zip(
         ("LEFT", "DOWN", "none", "UP", "RIGHT"), np.bincount(y.numpy(), minlength=len(ACTIONS)) / len(y))))
     test_seed = 1_000_003
-    up = summarize(*play(always_up(), cfg.test_episodes, test_seed, cfg.distribution_mode, desc="always-UP"))
+    up = summarize(*play(AlwaysUp(), cfg.test_episodes, test_seed, cfg.distribution_mode, desc="always-UP"))
     print(f"always-UP on {cfg.test_episodes} held-out levels: {up['win_rate']:.1%}")
     for inputs in cfg.inputs.split(","):
-        X = features(z, (h[None], c[None]), inputs)  # (N,D)
+        X = features(z, h, inputs)  # (N,n_features)
         weights, acc = fit(X, y, train)
         majority = (y[~train] == y[train].mode().values).float().mean().item()
         print(f"C on {inputs}: imitation accuracy {acc:.1%} on held-out episodes (majority action {majority:.1%})")
         for delta in (0, 0.5, 1, 2, 3, 4):
             w = weights.clone()
             w[UP, -1] += delta  # push C towards UP: imitation alone waits too often
-            r = summarize(*play(Agent(vae, mdn, w.flatten(), inputs, cfg.distribution_mode), cfg.test_episodes,
+            r = summarize(*play(Agent(vae, mdn, w, inputs, distribution_mode=cfg.distribution_mode), cfg.test_episodes,
                                 test_seed, cfg.distribution_mode, desc=f"C {inputs} +{delta}"))
             print(f"  UP bias +{delta}: {r['win_rate']:.1%} wins, {r['mean_length']:.0f} steps per episode")
