@@ -57,6 +57,11 @@ class CollectConfig:
     max_repeat: int = 6  # each random action is held for 1..max_repeat steps
     compress: bool = True  # zlib-compress the .npz files (~10x smaller, but zlib caps the speed)
 
+    def __post_init__(self):
+        check_flags(self, at_least=dict(episodes=1, num_envs=1, max_repeat=1, up_prob=0))
+        if self.up_prob > 1:
+            fail(f"--up-prob {self.up_prob}: expected a probability, at most 1")
+
 
 def field_comments(cls):
     """{field: its one-line comment} from the dataclass's source: the text that --help shows."""
@@ -100,6 +105,17 @@ def cli(cls, argv=None, defaults=None):
 def fail(msg):
     """One clear line on stderr and exit code 1: the way every module reports bad input."""
     sys.exit(f"error: {msg}")
+
+
+def check_flags(cfg, at_least=None, above=None):
+    """Every flag is checked before anything is written: the first field of cfg below its minimum
+    (at_least: {name: lowest allowed}; above: {name: a bound it must exceed}) gets one error line."""
+    for name, low in (at_least or {}).items():
+        if getattr(cfg, name) < low:
+            fail(f"--{name.replace('_', '-')} {getattr(cfg, name)}: expected at least {low}")
+    for name, low in (above or {}).items():
+        if not getattr(cfg, name) > low:
+            fail(f"--{name.replace('_', '-')} {getattr(cfg, name)}: expected a number above {low}")
 
 
 def episode_path(out, index):
@@ -170,8 +186,6 @@ def collect(cfg):
     Episodes are numbered in the order they finish in one seeded stream of cfg.num_envs envs, so
     the same arguments always give the same episodes. Resume replays the stream (procgen steps
     fast) and writes only the missing ones. Episodes still running at the end are dropped."""
-    if cfg.episodes < 1 or cfg.num_envs < 1:
-        fail("--episodes and --num-envs must be at least 1")
     os.makedirs(cfg.out, exist_ok=True)
     missing = {i for i in range(cfg.episodes) if not os.path.exists(episode_path(cfg.out, i))}
     if not missing:

@@ -1,12 +1,12 @@
 """C: the controller of World Models (Ha & Schmidhuber 2018, section 2.3), one linear layer + sigmoid
 on [z_t, h_t] -> 5 action scores, trained by CMA-ES (the `cma` package) on the real game. With
---inputs zhd (the default, as in train.py) it also reads D's logit of "this UP is deadly"
-(danger.py), and CMA-ES starts at the controller D implies: UP iff that logit < 0, else no-op.
+--inputs zhd (the default) it also reads D's logit of "this UP is deadly" (danger.py), and CMA-ES
+starts at the controller D implies: UP iff that logit < 0, else no-op.
 
-Fitness rollouts are batched: one procgen env per level holds one copy of the level per candidate
-(common random numbers: every candidate plays the same levels), V's encoder and M's LSTM run once
-per step on all the envs still playing, and each candidate applies its own weights to its envs.
-The levels are split over a process pool whose workers load V, M and D once.
+Fitness rollouts are batched: one procgen env per level holds a copy of the level per candidate (all
+candidates play the same levels), V, D and M run once per step on all the envs still playing, and
+each candidate applies its own weights to its envs. The levels are split over a process pool.
+
     python controller.py                          # runs/vae.pt, mdnrnn.pt, danger.pt -> runs/controller.pt
     python controller.py --inputs zh --out runs/controller_zh.pt     # Ha's C on [z, h], without D
 """
@@ -26,10 +26,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from collect import ACTIONS, MAX_STEPS, NONE, UP, cli, fail, make_env
+from collect import ACTIONS, MAX_STEPS, NONE, UP, check_flags, cli, fail, make_env
 from danger import load_danger
 from mdnrnn import load_mdnrnn
-from vae import load_checkpoint, load_vae, save_atomic, to_input
+from vae import identity, load_checkpoint, load_vae, resume_point, save_atomic, to_input
 
 
 @dataclass
@@ -53,6 +53,10 @@ class CConfig:
     workers: int = 0  # processes for the fitness rollouts (0 = one per CPU core)
     seed: int = 0  # seeds CMA-ES and the level draws
     resume: bool = False  # continue the same search from --out
+
+    def __post_init__(self):
+        check_flags(self, at_least=dict(generations=1, popsize=2, levels=1, max_steps=1, eval_every=1, eval_levels=1,
+                                        workers=0), above=dict(sigma0=0))
 
 
 def input_sizes(inputs, z_dim, hidden):
@@ -161,8 +165,7 @@ def make_pool(workers, vae_path, mdn_path, danger_path=""):
 
 
 def fitness(pool, params, level_seeds, distribution_mode, inputs, workers, max_steps=MAX_STEPS):
-    """Mean return of each candidate over the levels, the levels split over the workers. A serial
-    run (pool=None) makes the same jobs, so it gives exactly the same numbers."""
+    """Mean return of each candidate over the levels split over the workers; serial (pool=None): the same."""
     chunks = [c for c in np.array_split(np.asarray(level_seeds), workers) if len(c)]
     jobs = [(params, c, distribution_mode, inputs, max_steps) for c in chunks]
     results = list(pool.map(rollout_job, jobs) if pool else map(rollout_job, jobs))
@@ -178,20 +181,24 @@ def cma_generation(es, evaluate):
     return X, fit, info
 
 
-def replay(es, history_x, history_fit):
-    """Rebuild CMA-ES's state from the stored generations by asking and telling each one again.
-    Exact (the same seed asks for the same candidates, checked), and the checkpoint needs only
-    arrays: nothing is unpickled on resume."""
+def resume(es, ckpt, path):
+    """Rebuild CMA-ES's state by asking and telling each stored generation again: exact (the same seed asks
+    for the same candidates, checked), and nothing is unpickled. -> (gen, best, score, env steps, history)."""
+    if "cma_x" not in ckpt:
+        fail(f"{path}: from an older version (a pickled CMA-ES state, never loaded); use another --out")
+    history_x, history_fit = list(ckpt["cma_x"].numpy()), list(ckpt["cma_fitness"].numpy())  # (P,n), (P,) each
     for g, (X, fit) in enumerate(zip(history_x, history_fit)):
         if not np.array_equal(np.array(es.ask()), X):
-            fail(f"generation {g + 1} of the stored CMA-ES history does not replay (another cma version?)")
+            fail(f"{path}: generation {g + 1} of its CMA-ES history does not replay (another cma version?)")
         es.tell(list(X), (-fit).tolist())
+    print(f"C: resumed {path} at generation {ckpt['generation']}")
+    return (ckpt["generation"], ckpt["params"].double().numpy(), ckpt["best_score"], ckpt["env_steps"],
+            history_x, history_fit)
 
 
 def start_point(n_params, inputs, up_bias=0.0, danger_prior=0.0):
-    """CMA-ES's first mean, (5, n_features+1) with the bias last: zero, plus priors the search can leave.
-    up_bias: always UP (the best constant action). danger_prior: the controller D implies, "UP iff
-    D's logit < 0, else no-op"; in hard mode CMA-ES from zero did not find it in 30 generations."""
+    """CMA-ES's first mean, (5, n_features+1), bias last: zero plus priors the search can leave. up_bias: always
+    UP. danger_prior: D's rule "UP iff D's logit < 0, else no-op" (in hard mode CMA-ES from zero missed it)."""
     x0 = np.zeros((len(ACTIONS), n_params // len(ACTIONS)))  # (5,n_features+1)
     x0[UP, -1] = up_bias
     if "d" in inputs:
@@ -201,9 +208,8 @@ def start_point(n_params, inputs, up_bias=0.0, danger_prior=0.0):
 
 
 def make_search(cfg, sizes):
-    """The CMA-ES object at its start. Fan-in scaling, as in weight init: each input group (z: 128
-    numbers, h: 256, d: 1) starts with the same say in C's scores, so one danger number is not
-    drowned by 384 others."""
+    """The CMA-ES object at its start. Fan-in scaled steps, as in weight init: each input group (z: 128
+    numbers, h: 256, d: 1) starts with the same say in C's scores, so one d is not drowned by 384 others."""
     n_params = len(ACTIONS) * (sum(sizes.values()) + 1)
     stds = np.concatenate([np.full(n, n ** -0.5) for n in sizes.values()] + [np.ones(1)])  # (n_features+1,)
     opts = dict(popsize=cfg.popsize, seed=cfg.seed + 1, CMA_diagonal=n_params > cfg.diagonal, verbose=-9,
@@ -218,31 +224,23 @@ def level_draw(seed, generation, n):
 
 
 def train(cfg):
-    if os.path.exists(cfg.out) and not cfg.resume:  # refuse a bad configuration before anything is written
-        fail(f"--out {cfg.out} exists; pass --resume to continue it, or choose another path")
-    for flag, path in [("--vae", cfg.vae), ("--mdnrnn", cfg.mdnrnn)] + [("--danger", cfg.danger)] * ("d" in cfg.inputs):
-        if not os.path.exists(path):
-            fail(f"{flag} {path}: no such checkpoint" + (" (train D with danger.py, or --inputs zh)" * (flag == "--danger")))
-    ckpt = load_checkpoint(cfg.out) if cfg.resume and os.path.exists(cfg.out) else None
+    danger = cfg.danger if "d" in cfg.inputs else ""
+    made_from = {name: load_checkpoint(path).get("id", "") for name, path in  # what C is trained on; a missing
+                 (("vae", cfg.vae), ("mdnrnn", cfg.mdnrnn), ("danger", danger)) if path}  # file: one error line
+    ckpt = resume_point(cfg, "generations", made_from)
     if ckpt and ckpt["generation"] >= cfg.generations:
         print(f"C: {cfg.out} already has {cfg.generations} generations, skipping")
         return ckpt["params"].numpy()
     os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
-    danger = cfg.danger if "d" in cfg.inputs else ""
     vae, mdn = load_vae(cfg.vae), load_mdnrnn(cfg.mdnrnn)
     # Seeding, in one place: CMA-ES's sampling (its seed) and the levels (level_draw, val_levels).
     es = make_search(cfg, input_sizes(cfg.inputs, vae.z_dim, mdn.hidden))
     n_params, workers = es.N, cfg.workers or os.cpu_count() or 1
     val_levels = np.random.default_rng([cfg.seed, 10**9]).integers(0, 2**31 - 1, cfg.eval_levels)
-    gen, best, best_score, env_steps, history_x, history_fit = 0, np.zeros(n_params), -1.0, 0, [], []
+    # Until the first validation the checkpoint holds the start point (D's rule): a playable agent, not zeros.
+    gen, best, best_score, env_steps, history_x, history_fit = 0, es.mean.copy(), -1.0, 0, [], []
     if ckpt:
-        if "cma_x" not in ckpt:
-            fail(f"{cfg.out}: from an older version (a pickled CMA-ES state, never loaded); use another --out")
-        history_x, history_fit = list(ckpt["cma_x"].numpy()), list(ckpt["cma_fitness"].numpy())
-        replay(es, history_x, history_fit)
-        gen, best, best_score = ckpt["generation"], ckpt["params"].double().numpy(), ckpt["best_score"]
-        env_steps = ckpt["env_steps"]
-        print(f"C: resumed {cfg.out} at generation {gen}")
+        gen, best, best_score, env_steps, history_x, history_fit = resume(es, ckpt, cfg.out)
     print(f"C: {n_params} parameters ({'diagonal' if es.opts['CMA_diagonal'] else 'full'} CMA-ES), "
           f"population {cfg.popsize} x {cfg.levels} levels, {workers} workers")
     task = (cfg.distribution_mode, cfg.inputs, workers, cfg.max_steps)
@@ -284,10 +282,12 @@ def train(cfg):
                     best, best_score = candidates[int(val.argmax())], val.max()
                 row["val_best_so_far"] = best_score
             tqdm.write("C " + " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+            config = dataclasses.asdict(cfg)
             save_atomic(dict(params=torch.as_tensor(best, dtype=torch.float32), best_score=float(best_score),
-                             config=dataclasses.asdict(cfg), z_dim=vae.z_dim, hidden=mdn.hidden,
-                             generation=gen + 1, env_steps=env_steps, cma_x=torch.as_tensor(np.stack(history_x)),
-                             cma_fitness=torch.as_tensor(np.stack(history_fit))), cfg.out)
+                             config=config, z_dim=vae.z_dim, hidden=mdn.hidden, generation=gen + 1,
+                             env_steps=env_steps, cma_x=torch.as_tensor(np.stack(history_x)),
+                             cma_fitness=torch.as_tensor(np.stack(history_fit)), made_from=made_from,
+                             id=identity(config, generation=gen + 1, **made_from)), cfg.out)
             with open(os.path.splitext(cfg.out)[0] + ".jsonl", "a") as f:
                 f.write(json.dumps({k: float(v) for k, v in row.items()}) + "\n")
     finally:

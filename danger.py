@@ -22,8 +22,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from collect import ACTIONS, NONE, UP, cli, fail, make_env
-from vae import ReLU, load_checkpoint, save_atomic
+from collect import ACTIONS, NONE, UP, check_flags, cli, fail, make_env
+from vae import ReLU, identity, load_checkpoint, resume_point, save_atomic
 
 MOVE_PROBS = [0.1, 0.05, 0.15, 0.6, 0.1]  # LEFT, DOWN, NONE, UP, RIGHT: mostly UP, to reach the river
 
@@ -40,6 +40,12 @@ class DangerConfig:
     lr: float = 1e-3  # Adam learning rate
     holdout: int = 10  # every holdout-th UP is kept out of training, for the test AUC
     seed: int = 0  # seeds the levels, the play and torch
+    resume: bool = False  # continue from --out (the play is replayed, then training goes on)
+
+    def __post_init__(self):
+        check_flags(self, at_least=dict(steps=1, num_envs=1, epochs=1, batch_size=1, holdout=0), above=dict(lr=0))
+        if self.steps < self.num_envs:
+            fail(f"--steps {self.steps}: expected at least --num-envs ({self.num_envs}), one step of every env")
 
 
 class DangerNet(nn.Module):
@@ -93,20 +99,32 @@ def auc(score, y):
     return float((rank[pos].mean() - (pos.sum() - 1) / 2) / max((~pos).sum(), 1))
 
 
+def scores(model, X, idx, batch=512):
+    """D's logits (len(idx),) for the pairs X[idx], in batches, no grad."""
+    with torch.no_grad():
+        return torch.cat([model(X[b, ..., :3], X[b, ..., 3:]) for b in np.array_split(idx, max(len(idx) // batch, 1))])
+
+
 def train(cfg):
+    ckpt = resume_point(cfg)
+    if ckpt and ckpt["epoch"] >= cfg.epochs:
+        print(f"D: {cfg.out} already has {cfg.epochs} epochs, skipping")
+        return load_danger(cfg.out)
     os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
-    if os.path.exists(cfg.out):
-        fail(f"--out {cfg.out} exists; choose another path (D trains in minutes, there is no resume)")
     torch.manual_seed(cfg.seed)  # seeding, in one place: the play (levels, moves), weights, shuffling
+    # A resumed D plays again: the same seed replays the same play, so it sees the same UPs.
     X, y = hop_then_wait(cfg.distribution_mode, cfg.steps, cfg.num_envs, cfg.seed)
     test = np.arange(len(y)) % cfg.holdout == cfg.holdout - 1 if cfg.holdout > 0 else np.zeros(len(y), bool)
     train_idx, test_idx = np.flatnonzero(~test), np.flatnonzero(test)
     print(f"D: {cfg.steps} env steps of hop-then-wait, {len(y)} UPs ({y.mean():.1%} deadly), {len(test_idx)} held out")
-    model = DangerNet()
+    model, epoch = DangerNet(), 0
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    log = os.path.splitext(cfg.out)[0] + ".jsonl"
-    score = lambda idx: torch.cat([model(X[b, ..., :3], X[b, ..., 3:]) for b in np.array_split(idx, max(len(idx) // 512, 1))])
-    for epoch in range(cfg.epochs):
+    if ckpt:
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        epoch = ckpt["epoch"]
+        print(f"D: resumed {cfg.out} at epoch {epoch}")
+    while epoch < cfg.epochs:
         t0, total = time.time(), 0.0
         rng = np.random.default_rng([cfg.seed, epoch])  # this epoch's shuffle and mirrors
         perm = rng.permutation(train_idx)
@@ -122,15 +140,17 @@ def train(cfg):
             loss.backward()
             opt.step()
             total += loss.item() * len(b)
+        epoch += 1
         model.eval()
-        with torch.no_grad():
-            test_auc = auc(score(test_idx).numpy(), y[test_idx]) if len(test_idx) else float("nan")
-        row = dict(epoch=epoch + 1, bce=total / len(perm), test_auc=test_auc, ups_per_s=len(perm) / (time.time() - t0))
+        test_auc = auc(scores(model, X, test_idx).numpy(), y[test_idx]) if len(test_idx) else float("nan")
+        row = dict(epoch=epoch, bce=total / len(perm), test_auc=test_auc, ups_per_s=len(perm) / (time.time() - t0))
         print("D " + " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
-        with open(log, "a") as f:
+        config = dataclasses.asdict(cfg)
+        save_atomic(dict(model=model.state_dict(), optimizer=opt.state_dict(), config=config, epoch=epoch,
+                         env_steps=(cfg.steps // cfg.num_envs) * cfg.num_envs, test_auc=test_auc,
+                         id=identity(config, epoch=epoch)), cfg.out)
+        with open(os.path.splitext(cfg.out)[0] + ".jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
-    save_atomic(dict(model=model.state_dict(), config=dataclasses.asdict(cfg), epoch=cfg.epochs,
-                     env_steps=(cfg.steps // cfg.num_envs) * cfg.num_envs, test_auc=test_auc), cfg.out)
     return model.eval()
 
 

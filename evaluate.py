@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from collect import ACTION_NAMES, ACTIONS, MAX_STEPS, UP, cli, fail, make_env, random_policy
+from collect import ACTION_NAMES, ACTIONS, MAX_STEPS, UP, check_flags, cli, fail, make_env, random_policy
 from controller import Agent, choose, features, input_sizes
 from danger import load_danger
 from mdnrnn import load_mdnrnn, sample_next
@@ -38,6 +38,9 @@ class EvalConfig:
     pictures: bool = True  # write agent.gif, reconstructions.png, dream.gif and curves.png into --run
     gif_episodes: int = 4  # episodes played by the agent in agent.gif
     tau: float = 1.15  # temperature of M's dream in dream.gif (Ha: 1.15)
+
+    def __post_init__(self):
+        check_flags(self, at_least=dict(episodes=1, gif_episodes=0), above=dict(tau=0))
 
 
 def load_agent(run_dir):
@@ -257,8 +260,6 @@ def pictures(agent, cfg, mode):
 
 
 def main(cfg):
-    if cfg.episodes < 1 or cfg.gif_episodes < 0:
-        fail("--episodes must be at least 1 and --gif-episodes at least 0")
     agent = load_agent(cfg.run)
     mode = cfg.distribution_mode or agent.distribution_mode
     if mode not in ("easy", "hard"):

@@ -43,6 +43,13 @@ class MDNConfig:
     seed: int = 0  # seeds torch and the shuffling
     resume: bool = False  # continue from --out instead of refusing to overwrite it
 
+    def __post_init__(self):  # every flag is checked before anything is written: one error line
+        for name in ("hidden", "gaussians", "seq_len", "batch_size", "epochs"):
+            if getattr(self, name) < 1:
+                raise SystemExit(f"error: --{name.replace('_', '-')} {getattr(self, name)}: expected at least 1")
+        if not (self.lr > 0 and self.grad_clip > 0):
+            raise SystemExit("error: --lr and --grad-clip must be above 0")
+
 
 class MDNRNN(nn.Module):
     def __init__(self, z_dim=32, hidden=256, gaussians=5, n_actions=5):  # leaper's 5 actions (collect.ACTIONS)
@@ -113,10 +120,16 @@ def sample_next(logit_pi, mu, log_sigma, win_logit, done_logit, tau=1.0):
 def encode_episodes(data, vae_path, latents):
     """Encode every episode of `data` with V into `latents` (one .npz each: mu, logvar float16 and
     the episode's action, reward, done). Resumable: episodes already encoded are skipped."""
-    from collect import list_episodes, load_episode
-    from vae import encode, load_vae
-    vae = load_vae(vae_path)
+    from collect import fail, list_episodes, load_episode
+    from vae import encode, load_checkpoint, load_vae
+    vae, vae_id = load_vae(vae_path), load_checkpoint(vae_path).get("id", "")
     os.makedirs(latents, exist_ok=True)
+    done = sorted(f for f in os.listdir(latents) if f.endswith(".npz"))
+    if done:
+        with np.load(os.path.join(latents, done[0])) as d:
+            encoded_by = str(d["vae_id"]) if "vae_id" in d.files else "an unrecorded V"
+        if encoded_by != vae_id:
+            fail(f"{latents}: encoded by another V than {vae_path}: use another --latents (or --out)")
     todo = [p for p in list_episodes(data) if not os.path.exists(os.path.join(latents, os.path.basename(p)))]
     t0, n = time.time(), 0
     for path in tqdm(todo, desc="encode", unit="ep", disable=None):
@@ -124,7 +137,7 @@ def encode_episodes(data, vae_path, latents):
         mu, logvar = encode(vae, ep["obs"])
         target = os.path.join(latents, os.path.basename(path))
         np.savez(target + ".tmp.npz", mu=mu.astype(np.float16), logvar=logvar.astype(np.float16),
-                 action=ep["action"], reward=ep["reward"], done=ep["done"])
+                 action=ep["action"], reward=ep["reward"], done=ep["done"], vae_id=np.array(vae_id))
         os.replace(target + ".tmp.npz", target)
         n += len(mu)
     if todo:
@@ -183,15 +196,15 @@ def test_metrics(model, data):
 
 def train(cfg):
     from collect import fail
-    from vae import load_checkpoint, save_atomic, start_training
-    os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
-    if os.path.exists(cfg.out) and not cfg.resume:
-        fail(f"--out {cfg.out} exists; pass --resume to continue it, or choose another path")
+    from vae import identity, load_checkpoint, resume_point, save_atomic, start_training
     if not os.path.exists(cfg.vae):
         fail(f"--vae {cfg.vae}: no such checkpoint (train V with vae.py first)")
-    if cfg.resume and os.path.exists(cfg.out) and load_checkpoint(cfg.out)["epoch"] >= cfg.epochs:
+    vae_id = load_checkpoint(cfg.vae).get("id", "")
+    ckpt = resume_point(cfg, made_from=dict(vae=vae_id))
+    if ckpt and ckpt["epoch"] >= cfg.epochs:
         print(f"M: {cfg.out} already has {cfg.epochs} epochs, skipping")
         return load_mdnrnn(cfg.out)
+    os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
     latents = cfg.latents or os.path.join(os.path.dirname(os.path.abspath(cfg.out)), "latents")
     encode_episodes(cfg.data, cfg.vae, latents)
     torch.manual_seed(cfg.seed)  # seeding, in one place: weights, z resampling and shuffling
@@ -199,7 +212,7 @@ def train(cfg):
     train_set = {k: t[~held] for k, t in data.items()}
     test_set = {k: t[held] for k, t in data.items()} if held.any() else train_set
     z_dim, n_train = data["mu"].shape[-1], len(train_set["action"])
-    model, opt, epoch, step, dev = start_training(MDNRNN(z_dim, cfg.hidden, cfg.gaussians), cfg.lr, cfg.out, cfg.resume)
+    model, opt, epoch, step, dev = start_training(MDNRNN(z_dim, cfg.hidden, cfg.gaussians), cfg.lr, ckpt)
     print(f"M: {sum(p.numel() for p in model.parameters()):,} parameters, {n_train} training "
           f"sequences, {int(held.sum())} held-out; before training: {test_metrics(model, test_set)}")
     log = os.path.splitext(cfg.out)[0] + ".jsonl"
@@ -212,6 +225,9 @@ def train(cfg):
                       disable=None):  # disable=None: a bar on a terminal, none in a log file
             batch = {k: t[perm[i:i + cfg.batch_size]].to(dev) for k, t in train_set.items()}
             nll, win_bce, done_bce, _ = m_losses(model, batch)
+            if not torch.isfinite(nll + win_bce + done_bce):
+                fail(f"M's loss is not finite at epoch {epoch + 1}, step {step + 1}; the last good checkpoint is "
+                     f"{cfg.out} (epoch {epoch}): lower --lr and run again with --resume")
             opt.zero_grad()
             (nll + win_bce + done_bce).backward()
             nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -223,8 +239,9 @@ def train(cfg):
         row = dict(epoch=epoch, step=step, nll=tot[0] / nb, win_bce=tot[1] / nb, done_bce=tot[2] / nb,
                    **test_metrics(model, test_set), steps_per_s=float(train_set["step_mask"].sum()) / (time.time() - t0))
         print("M " + " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
-        save_atomic(dict(model=model.state_dict(), optimizer=opt.state_dict(), config=dataclasses.asdict(cfg),
-                         z_dim=z_dim, epoch=epoch, step=step), cfg.out)
+        config = dataclasses.asdict(cfg)
+        save_atomic(dict(model=model.state_dict(), optimizer=opt.state_dict(), config=config, z_dim=z_dim, epoch=epoch,
+                         step=step, made_from=dict(vae=vae_id), id=identity(config, epoch=epoch, vae=vae_id)), cfg.out)
         with open(log, "a") as f:
             f.write(json.dumps(row) + "\n")
     return model.cpu()

@@ -601,7 +601,7 @@ def test_d_and_its_input_go_together(tmp_path, tiny_run):
     with pytest.raises(SystemExit) as e:  # C on d without a D checkpoint
         controller.train(CConfig(out=str(tmp_path / "c.pt"), inputs="zhd", vae=str(tiny_run / "vae.pt"),
                                  mdnrnn=str(tiny_run / "mdnrnn.pt"), danger=str(tmp_path / "no.pt")))
-    assert str(e.value).startswith("error: --danger") and "\n" not in str(e.value)
+    assert str(e.value).startswith(f"error: {tmp_path / 'no.pt'}: ") and "\n" not in str(e.value)
     assert not os.path.exists(tmp_path / "c.pt")
 
 
@@ -616,7 +616,7 @@ def test_train_tiny_end_to_end_then_skips(tmp_path):
     again = run_cli("train.py", "--preset", "tiny", "--out", str(out), "--eval-episodes", "0",
                     "--export", str(tmp_path / "exported"))
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "nothing to do" in again.stdout and again.stdout.count("skipping") == 3
+    assert "nothing to do" in again.stdout and again.stdout.count("skipping") == 4  # V, M, D and C
     assert all(os.path.getmtime(out / p) == t for p, t in mtimes.items())
     summary = json.load(open(out / "summary.json"))  # from the tested first run, not the resume
     assert summary["collect_env_steps"] > 0 and summary["test"]["agent"]["episodes"] == 40
@@ -729,3 +729,25 @@ def test_workers_that_keep_dying_stop_the_run_with_one_line(tiny_run, tmp_path, 
         controller.train(cfg)
     assert "workers died twice in generation 1" in str(e.value) and "--resume" in str(e.value)
     assert not os.path.exists(cfg.out)  # nothing half-written
+
+
+TINY = {"collect.py": "--episodes 24 --num-envs 8", "vae.py": "--z-dim 64 --epochs 1 --batch-size 64",
+        "mdnrnn.py": "--hidden 16 --gaussians 2 --epochs 1", "danger.py": "--steps 4096 --num-envs 32 --epochs 1",
+        "controller.py": "--generations 1 --popsize 4 --levels 2 --eval-every 1 --eval-levels 2 --workers 1",
+        "evaluate.py": "--episodes 8 --pictures false"}
+
+
+def test_the_readmes_stage_by_stage_commands_chain(tmp_path):
+    """Each command of the README's "Running stage by stage" block, as printed there, on tiny sizes
+    (flags appended: argparse keeps the last value) and in a temporary dir instead of runs/."""
+    with open(os.path.join(HERE, "README.md")) as f:
+        block = f.read().split("## Running stage by stage")[1].split("```bash\n")[1].split("```")[0]
+    commands = [line.split("#")[0].split() for line in block.splitlines() if line.strip()]
+    assert [c[1] for c in commands] == list(TINY)  # every stage, in the pipeline's order
+    for python, script, *args in commands:
+        assert python == "python"
+        args = [a.replace("runs", str(tmp_path)) for a in args] + TINY[script].split()
+        r = run_cli(script, *args)
+        assert r.returncode == 0, (script, r.stderr[-3000:])
+    result = json.loads(r.stdout.strip().splitlines()[-1])  # evaluate.py --json: the last line
+    assert result["episodes"] == 8 and set(result["baselines"]) == {"random", "always_up"}

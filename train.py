@@ -60,6 +60,17 @@ class TrainConfig:
     eval_episodes: int = 1000  # held-out episodes of the final summary (0 = skip it)
     export: str = ""  # after training, copy the agent's weights (float16, no optimizer) to this new dir
 
+    def __post_init__(self):  # the stages' own checks would come only when each starts: check all here
+        collect.check_flags(self, at_least=dict(
+            episodes=1, z_dim=1, vae_epochs=1, hidden=1, gaussians=1, mdn_epochs=1, danger_steps=0, danger_epochs=1,
+            generations=1, popsize=2, levels=1, max_steps=1, eval_every=1, eval_levels=1, workers=0, eval_episodes=0,
+            up_prob=0), above=dict(sigma0=0))
+        if self.spatial and self.z_dim % 64:
+            collect.fail(f"--z-dim {self.z_dim}: a spatial V needs a multiple of 64, or --spatial false")
+        if ("d" in self.inputs) != (self.danger_steps > 0):
+            collect.fail(f"--inputs {self.inputs} with --danger-steps {self.danger_steps}: C reads D (d) exactly "
+                         "when D is trained")
+
 
 PRESETS = {
     "tiny": dict(episodes=64, z_dim=64, vae_epochs=1, hidden=32, gaussians=2, mdn_epochs=2, danger_steps=4096,
@@ -83,7 +94,7 @@ def export(run_dir, dest):
     """The checkpoints without optimizer or CMA state, weights in float16: a few MB that
     evaluate.py --run DEST plays as it is (the loaders cast back to float32)."""
     os.makedirs(dest)  # never into an existing dir (run() refuses one before training)
-    for name, drop in (("vae.pt", ("optimizer",)), ("mdnrnn.pt", ("optimizer",)), ("danger.pt", ()),
+    for name, drop in (("vae.pt", ("optimizer",)), ("mdnrnn.pt", ("optimizer",)), ("danger.pt", ("optimizer",)),
                        ("controller.pt", ("cma_x", "cma_fitness"))):
         if not os.path.exists(os.path.join(run_dir, name)):
             continue  # a run without D
@@ -97,8 +108,6 @@ def export(run_dir, dest):
 def run(cfg):
     if cfg.export and os.path.exists(cfg.export):
         collect.fail(f"--export {cfg.export} exists; choose a new directory")
-    if ("d" in cfg.inputs) != (cfg.danger_steps > 0):
-        collect.fail(f"--inputs {cfg.inputs} with --danger-steps {cfg.danger_steps}: C reads D (d) exactly when D is trained")
     t0 = time.time()
     os.makedirs(cfg.out, exist_ok=True)
 
@@ -125,9 +134,9 @@ def run(cfg):
     mdnrnn.train(mdnrnn.MDNConfig(data=path("data"), vae=path("vae.pt"), out=path("mdnrnn.pt"), hidden=cfg.hidden,
                                   gaussians=cfg.gaussians, epochs=cfg.mdn_epochs, seed=cfg.seed, resume=True))
     print("== 4/5 train D on hop-then-wait play" if cfg.danger_steps else "== 4/5 no D (--danger-steps 0)")
-    if cfg.danger_steps and not os.path.exists(path("danger.pt")):  # D has no resume: minutes, all or nothing
+    if cfg.danger_steps:
         danger.train(danger.DangerConfig(out=path("danger.pt"), distribution_mode=cfg.distribution_mode,
-                                         steps=cfg.danger_steps, epochs=cfg.danger_epochs, seed=cfg.seed))
+                                         steps=cfg.danger_steps, epochs=cfg.danger_epochs, seed=cfg.seed, resume=True))
     d_steps = vae.load_checkpoint(path("danger.pt"))["env_steps"] if cfg.danger_steps else 0
     print("== 5/5 evolve C")
     ccfg = controller.CConfig(vae=path("vae.pt"), mdnrnn=path("mdnrnn.pt"), out=path("controller.pt"),

@@ -1,15 +1,14 @@
 """V: the convolutional variational autoencoder of World Models (Ha & Schmidhuber 2018, section 2.1
-and appendix A.1) that squeezes each 64x64 leaper frame into a small latent z.
-
-Self-contained on purpose: the model, its loss and its training import nothing of ours, so this file
-can be copied alone to train a ConvVAE on any directory of .npz files holding an `obs` array of uint8
-(T,64,64,3) frames (only its command line borrows collect.py's dataclass CLI). Its defaults are the
-pipeline's (train.py): a spatial z of 128, 4 epochs.
+and appendix A.1) that squeezes each 64x64 leaper frame into a small latent z. Self-contained on
+purpose: the model, its loss and its training import nothing of ours (only the command line borrows
+collect.py's), so this file alone trains a ConvVAE on any directory of .npz files with an `obs` array
+of uint8 (T,64,64,3) frames. Its defaults are the pipeline's: a spatial z of 128, 4 epochs.
 
     python vae.py --data runs/data --out runs/vae.pt
     python vae.py --data runs/data --out runs/vae_flat.pt --z-dim 32 --spatial false   # Ha's flat z
 """
 import dataclasses
+import hashlib
 import json
 import os
 import sys
@@ -18,6 +17,7 @@ import zipfile
 from dataclasses import dataclass
 from functools import partial
 
+import imageio.v2 as imageio
 import numpy as np
 import torch
 import torch.nn as nn
@@ -44,13 +44,17 @@ class VAEConfig:
     seed: int = 0  # seeds torch and the shuffling
     resume: bool = False  # continue from --out instead of refusing to overwrite it
 
+    def __post_init__(self):  # every flag is checked before anything is written: one error line
+        if min(self.z_dim, self.epochs, self.batch_size, self.fg_threshold) < 1 or not self.lr > 0:
+            sys.exit("error: --z-dim, --epochs, --batch-size, --fg-threshold must be at least 1, --lr above 0")
+        if self.spatial and self.z_dim % 64:
+            sys.exit(f"error: --z-dim {self.z_dim}: a spatial V needs a multiple of 64 (8x8 cells), or --spatial false")
+
 
 class ConvVAE(nn.Module):
-    """Ha's ConvVAE: 4 stride-2 convs to (256,2,2), z ~ N(mu, sigma), fc + 4 transposed convs.
-
-    spatial=True keeps 4 conv layers each way but gives z a layout: z_dim/64 channels on an 8x8
-    grid, one cell per 8x8-pixel patch. Each cell only has to describe its own patch, so the
-    small objects (frog ~5x5 px, cars ~6x3 px) are learned in minutes instead of hours."""
+    """Ha's ConvVAE: 4 stride-2 convs to (256,2,2), z ~ N(mu, sigma), fc + 4 transposed convs. spatial=True
+    keeps 4 conv layers each way but gives z a layout: z_dim/64 channels on an 8x8 grid, one cell per
+    8x8-pixel patch, so the small objects (frog ~5x5 px, cars ~6x3 px) are learned in minutes, not hours."""
 
     def __init__(self, z_dim=32, spatial=False):
         super().__init__()
@@ -105,18 +109,14 @@ def kl_divergence(mu, logvar):
 
 
 def vae_loss(x, recon, mu, logvar, weight, beta, kl_tolerance):
-    """Returns (loss, recon, kl), each averaged over the batch.
-
-    Both terms are SUMMED within a frame (over 64*64*3 pixels and over the z_dim latents) and then
-    AVERAGED over the batch, so beta=1 is the real ELBO. The seed report took a per-pixel MEAN of
-    the squared error but a batch-SUMMED KL: the KL came out ~10^5 times too strong, which is why
-    beta=1 destroyed its reconstructions. `weight` (B,1,64,64) multiplies each pixel's error: the
-    frog, cars and logs cover ~2% of the frame, and unweighted the VAE learns to drop them."""
+    """Returns (loss, recon, kl), each averaged over the batch. Both terms are SUMMED within a frame (over
+    64*64*3 pixels, over the z_dim latents) and AVERAGED over the batch, so beta=1 is the real ELBO (the
+    seed's per-pixel MEAN error with a batch-SUMMED KL made the KL ~10^5 times too strong). `weight`
+    (B,1,64,64) multiplies each pixel's error: moving things are a few % of the pixels, easily dropped."""
     rec = (weight * (recon - x).pow(2)).sum(dim=(1, 2, 3)).mean()
     kl = kl_divergence(mu, logvar).sum(dim=1).mean()
-    # Free bits as in Ha's code (kl_tolerance): the KL summed over the latent dims (here also averaged
-    # over the batch) is not penalised below kl_tolerance * z_dim nats. It is a floor on the total, not
-    # per dim: dims may trade KL with each other.
+    # Free bits as in Ha's code: the KL summed over the latent dims (here also averaged over the batch)
+    # is not penalised below kl_tolerance * z_dim nats: a floor on the total, not on each dim.
     return rec + beta * kl.clamp(min=kl_tolerance * mu.shape[1]), rec, kl
 
 
@@ -124,11 +124,9 @@ def load_frames(data_dir, holdout, fg_threshold):
     """All frames of a data dir as uint8 (N,64,64,3), a foreground mask uint8 (N,64,64) and a
     held-out flag per frame. Foreground = differs from the per-episode median frame, i.e. what
     moves: the background is static within a level, the frog, cars and logs are not."""
-    if not os.path.isdir(data_dir):
-        sys.exit(f"error: --data {data_dir}: no such directory")
-    files = sorted(f for f in os.listdir(data_dir) if f.endswith(".npz"))
+    files = sorted(f for f in os.listdir(data_dir) if f.endswith(".npz")) if os.path.isdir(data_dir) else []
     if not files:
-        sys.exit(f"error: --data {data_dir}: no .npz episode files in it")
+        sys.exit(f"error: --data {data_dir}: no .npz episode files there (make them with collect.py)")
     frames, masks, held = [], [], []
     for k, name in enumerate(tqdm(files, desc="load frames", unit="ep", disable=None)):
         path = os.path.join(data_dir, name)
@@ -168,10 +166,9 @@ def load_checkpoint(path):
     a file from elsewhere cannot run code). Anything else gives one error line naming the file."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        sys.exit(f"error: {path}: no such checkpoint")
     except Exception as e:  # e.g. pickle.UnpicklingError for a file that would need arbitrary code
-        sys.exit(f"error: {path}: not a checkpoint of this project ({type(e).__name__}: {str(e).splitlines()[0]})")
+        why = "no such file" if isinstance(e, FileNotFoundError) else f"{type(e).__name__}: {str(e).splitlines()[0]}"
+        sys.exit(f"error: {path}: not a checkpoint of this project ({why})")
     if not isinstance(ckpt, dict) or "config" not in ckpt:
         sys.exit(f"error: {path}: not a checkpoint of this project (expected a dict with a config)")
     return ckpt
@@ -183,6 +180,33 @@ def load_vae(path):
     model = ConvVAE(ckpt["config"]["z_dim"], ckpt["config"].get("spatial", False))
     model.load_state_dict({k: v.float() for k, v in ckpt["model"].items()})
     return model.eval().to(memory_format=torch.channels_last)  # ~30% faster encoding on CPU; equal up to float rounding
+
+
+PATH_FLAGS = ("data", "out", "latents", "vae", "mdnrnn", "danger", "resume", "workers")  # where, not what
+
+
+def identity(config, **made_from):
+    """A short hash of what made a checkpoint (flags but paths, inputs, position): stages record their inputs'."""
+    flags = {k: v for k, v in config.items() if k not in PATH_FLAGS}
+    return hashlib.sha256(json.dumps([flags, made_from], sort_keys=True).encode()).hexdigest()[:16]
+
+
+def resume_point(cfg, length="epochs", made_from=None):
+    """The checkpoint at cfg.out to continue (or skip) from, or None. One error line for an existing --out
+    without --resume, or one made with other flags (but paths and `length`) or inputs (made_from: {name: id})."""
+    if not os.path.exists(cfg.out):
+        return None
+    if not cfg.resume:
+        sys.exit(f"error: --out {cfg.out} exists; pass --resume to continue it, or choose another path")
+    ckpt = load_checkpoint(cfg.out)
+    for name, value in dataclasses.asdict(cfg).items():
+        if name not in PATH_FLAGS + (length,) and ckpt["config"].get(name, value) != value:
+            sys.exit(f"error: --{name.replace('_', '-')} {value} conflicts with {cfg.out}, made with "
+                     f"{ckpt['config'][name]}: use another --out (or the flags it was made with)")
+    changed = [k for k, v in (made_from or {}).items() if ckpt.get("made_from", made_from).get(k) != v]
+    if changed:
+        sys.exit(f"error: {cfg.out} was made from other inputs ({', '.join(changed)} changed since): use another --out")
+    return ckpt
 
 
 def save_atomic(obj, path):
@@ -202,35 +226,31 @@ def evaluate(model, frames, masks, batch_size=512):
     return err / max(len(frames), 1), fg / max(len(frames), 1)
 
 
-def start_training(model, lr, path, resume):
-    """Adam on the GPU when there is one; with resume, the weights, optimizer and position from path.
+def start_training(model, lr, ckpt=None):
+    """Adam on the GPU when there is one; from ckpt (resume_point's), the weights, optimizer and position.
     Returns (model, optimizer, epoch, step, device)."""
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     model = model.to(dev, memory_format=torch.channels_last)  # NHWC conv weights: ~20% faster on CPU; LSTMs unaffected
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    if not (resume and os.path.exists(path)):
-        return model, opt, 0, 0, dev
-    ckpt = load_checkpoint(path)
-    model.load_state_dict(ckpt["model"])
-    opt.load_state_dict(ckpt["optimizer"])
-    return model, opt, ckpt["epoch"], ckpt["step"], dev
+    if ckpt:
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+    return model, opt, ckpt["epoch"] if ckpt else 0, ckpt["step"] if ckpt else 0, dev
 
 
 def train(cfg):
-    if cfg.spatial and (cfg.z_dim < 64 or cfg.z_dim % 64):
-        sys.exit(f"error: --z-dim {cfg.z_dim}: a spatial V needs a multiple of 64 (channels x 8 x 8), or --spatial false")
-    if os.path.exists(cfg.out) and not cfg.resume:
-        sys.exit(f"error: --out {cfg.out} exists; pass --resume to continue it, or choose another path")
-    torch.manual_seed(cfg.seed)  # seeding, in one place: weights, sampling and (below) shuffling
-    if cfg.resume and os.path.exists(cfg.out) and load_checkpoint(cfg.out)["epoch"] >= cfg.epochs:
+    episodes = len([f for f in os.listdir(cfg.data) if f.endswith(".npz")]) if os.path.isdir(cfg.data) else 0
+    ckpt = resume_point(cfg, made_from=dict(episodes=episodes))  # V is made from the episodes in --data
+    if ckpt and ckpt["epoch"] >= cfg.epochs:
         print(f"V: {cfg.out} already has {cfg.epochs} epochs, skipping")
         return load_vae(cfg.out)
+    torch.manual_seed(cfg.seed)  # seeding, in one place: weights, sampling and (below) shuffling
     frames, masks, held = load_frames(cfg.data, cfg.holdout, cfg.fg_threshold)
     train_idx, test_idx = np.flatnonzero(~held), np.flatnonzero(held)
     if len(train_idx) == 0:
         sys.exit(f"error: --data {cfg.data}: no training frames left after --holdout {cfg.holdout}")
     frames_t, masks_t = torch.from_numpy(frames), torch.from_numpy(masks)
-    model, opt, epoch, step, dev = start_training(ConvVAE(cfg.z_dim, cfg.spatial), cfg.lr, cfg.out, cfg.resume)
+    model, opt, epoch, step, dev = start_training(ConvVAE(cfg.z_dim, cfg.spatial), cfg.lr, ckpt)
     os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
     base = os.path.splitext(cfg.out)[0]
     pool = test_idx if len(test_idx) >= 8 else train_idx
@@ -251,6 +271,9 @@ def train(cfg):
             beta = cfg.beta * min(1.0, step / max(cfg.beta_warmup, 1))
             recon, mu, logvar = model(x)
             loss, rec, kl = vae_loss(x, recon, mu, logvar, weight, beta, cfg.kl_tolerance)
+            if not torch.isfinite(loss):
+                sys.exit(f"error: V's loss is {loss.item()} at epoch {epoch + 1}, step {step + 1}; the last good "
+                         f"checkpoint is {cfg.out} (epoch {epoch}): lower --lr and run again with --resume")
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -262,11 +285,11 @@ def train(cfg):
         row = dict(epoch=epoch, step=step, loss=tot[0] / len(perm), recon=tot[1] / len(perm), kl=tot[2] / len(perm),
                    beta=beta, test_sq_err=test_err, test_fg_sq_err=test_fg, frames_per_s=len(perm) / (time.time() - t0))
         print("V " + " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
-        save_atomic(dict(model=model.state_dict(), optimizer=opt.state_dict(), config=dataclasses.asdict(cfg),
-                         epoch=epoch, step=step), cfg.out)
+        config = dataclasses.asdict(cfg)
+        save_atomic(dict(model=model.state_dict(), optimizer=opt.state_dict(), config=config, epoch=epoch, step=step,
+                         made_from=dict(episodes=episodes), id=identity(config, epoch=epoch, episodes=episodes)), cfg.out)
         with open(base + ".jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
-        import imageio.v2 as imageio  # only needed for the picture
         imageio.imwrite(base + ".png", reconstruction_grid(model, show))
     return model.cpu()
 
