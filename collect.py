@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import inspect
 import io
+import json
 import os
 import re
 import sys
@@ -118,6 +119,14 @@ def check_flags(cfg, at_least=None, above=None):
             fail(f"--{name.replace('_', '-')} {getattr(cfg, name)}: expected a number above {low}")
 
 
+def check_same_flags(new, old, source, free=()):
+    """One error line for the first flag of new (a config dict) that differs from old, the flags that
+    made `source`: a data dir, run dir or checkpoint is continued only with the flags that made it."""
+    for name, value in new.items():
+        if name not in free and old.get(name, value) != value:
+            fail(f"--{name.replace('_', '-')} {value} conflicts with {source}, made with {old[name]}: use another --out")
+
+
 def episode_path(out, index):
     return os.path.join(out, f"episode_{index:06d}.npz")
 
@@ -187,6 +196,12 @@ def collect(cfg):
     the same arguments always give the same episodes. Resume replays the stream (procgen steps
     fast) and writes only the missing ones. Episodes still running at the end are dropped."""
     os.makedirs(cfg.out, exist_ok=True)
+    made_with = os.path.join(cfg.out, "collect_config.json")  # a data dir is one seeded stream of episodes
+    if os.path.exists(made_with):
+        with open(made_with) as f:
+            check_same_flags(dataclasses.asdict(cfg), json.load(f), made_with, free=("out", "episodes", "compress"))
+    with open(made_with, "w") as f:
+        json.dump(dataclasses.asdict(cfg), f, indent=1)
     missing = {i for i in range(cfg.episodes) if not os.path.exists(episode_path(cfg.out, i))}
     if not missing:
         print(f"collect: {cfg.out} already holds episodes 0..{cfg.episodes - 1}, nothing to do")

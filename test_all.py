@@ -1,4 +1,5 @@
 """Tests of every stage, on CPU, in a few minutes:  python -m pytest -q test_all.py"""
+import dataclasses
 import glob
 import json
 import math
@@ -165,7 +166,9 @@ def test_kl_matches_torch_distributions():
     mu, logvar = torch.randn(7, 5), torch.randn(7, 5)
     q = torch.distributions.Normal(mu, (0.5 * logvar).exp())
     p = torch.distributions.Normal(torch.zeros(5), torch.ones(5))
-    assert torch.allclose(vae.kl_divergence(mu, logvar), torch.distributions.kl_divergence(q, p), atol=1e-5)
+    x = torch.rand(7, 3, 64, 64)
+    kl = vae.vae_loss(x, x, mu, logvar, torch.ones(7, 1, 64, 64), beta=1.0, kl_tolerance=0.0)[2]  # batch mean of sums
+    assert torch.allclose(kl, torch.distributions.kl_divergence(q, p).sum(1).mean(), atol=1e-5)
 
 
 def test_vae_loss_is_summed_per_frame_and_averaged_over_batch():
@@ -751,3 +754,123 @@ def test_the_readmes_stage_by_stage_commands_chain(tmp_path):
         assert r.returncode == 0, (script, r.stderr[-3000:])
     result = json.loads(r.stdout.strip().splitlines()[-1])  # evaluate.py --json: the last line
     assert result["episodes"] == 8 and set(result["baselines"]) == {"random", "always_up"}
+
+
+# ---------------------------------------------------------------- stale stages, resume, determinism
+
+def copy_run(tiny_run, dest, *names):
+    os.makedirs(dest, exist_ok=True)
+    for name in names:
+        (shutil.copytree if os.path.isdir(tiny_run / name) else shutil.copy)(tiny_run / name, dest / name)
+    return dest
+
+
+def test_a_collection_is_continued_only_with_its_own_flags(tiny_run, tmp_path):
+    data = copy_run(tiny_run, tmp_path, "data") / "data"
+    before = sorted(os.listdir(data))
+    with pytest.raises(SystemExit) as e:
+        collect_quiet(data, episodes=30, num_envs=8, up_prob=0.9)
+    assert "--up-prob 0.9 conflicts with" in str(e.value) and "collect_config.json" in str(e.value)
+    assert sorted(os.listdir(data)) == before  # nothing written
+    collect_quiet(data, episodes=25, num_envs=8)  # more episodes of the same stream: fine
+    assert len(glob.glob(str(data / "episode_*.npz"))) == 25
+
+
+def test_stages_refuse_other_flags_and_changed_inputs(tiny_run, tmp_path):
+    r = copy_run(tiny_run, tmp_path, "data", "vae.pt", "mdnrnn.pt", "latents", "controller.pt")
+    v = dict(data=str(r / "data"), out=str(r / "vae.pt"), z_dim=8, spatial=False, batch_size=64, resume=True)
+    m = dict(data=str(r / "data"), vae=str(r / "vae.pt"), out=str(r / "mdnrnn.pt"), hidden=16, gaussians=2, resume=True)
+    c = dict(vae=str(r / "vae.pt"), mdnrnn=str(r / "mdnrnn.pt"), out=str(r / "controller.pt"), inputs="zh", popsize=4,
+             levels=2, eval_every=1, eval_levels=2, workers=1, resume=True)
+    for train, cfg, flag in ((vae.train, VAEConfig(**{**v, "z_dim": 16}), "--z-dim 16"),
+                             (mdnrnn.train, MDNConfig(**{**m, "gaussians": 3}), "--gaussians 3"),
+                             (controller.train, CConfig(**{**c, "popsize": 6}), "--popsize 6")):
+        with pytest.raises(SystemExit) as e:
+            train(cfg)
+        assert str(e.value).startswith(f"error: {flag} conflicts with {r}") and "\n" not in str(e.value)
+    vae.train(VAEConfig(**v, epochs=2))  # V goes on (more epochs are allowed): M and C were made from the old V
+    for train, cfg in ((mdnrnn.train, MDNConfig(**m, epochs=1)), (controller.train, CConfig(**c, generations=1))):
+        with pytest.raises(SystemExit) as e:
+            train(cfg)
+        assert "was made from other inputs (vae changed since)" in str(e.value)
+    with pytest.raises(SystemExit) as e:  # a new M, but the latents on disk come from the old V
+        mdnrnn.train(MDNConfig(**{**m, "out": str(r / "m2.pt"), "latents": str(r / "latents")}))
+    assert "encoded by another V" in str(e.value)
+
+
+def test_load_agent_refuses_parts_not_trained_together(tmp_path):
+    mixed = shutil.copytree(os.path.join(HERE, "pretrained", "hard"), tmp_path / "mixed")
+    shutil.copy(os.path.join(HERE, "pretrained", "easy", "vae.pt"), mixed / "vae.pt")  # same sizes, other V
+    with pytest.raises(SystemExit) as e:
+        evaluate.load_agent(str(mixed))
+    assert "was trained with another vae.pt" in str(e.value)
+
+
+def test_train_refuses_a_changed_flag_on_an_existing_run(tmp_path):
+    import train
+    out = tmp_path / "run"
+    os.makedirs(out)
+    with open(out / "train_config.json", "w") as f:
+        json.dump(dataclasses.asdict(train.parse_args(["--preset", "tiny", "--out", str(out)])), f)
+    before = (out / "train_config.json").read_text()
+    with pytest.raises(SystemExit) as e:
+        train.run(train.parse_args(["--preset", "tiny", "--out", str(out), "--z-dim", "128"]))
+    assert "--z-dim 128 conflicts with" in str(e.value) and "made with 64" in str(e.value)
+    assert (out / "train_config.json").read_text() == before and os.listdir(out) == ["train_config.json"]
+
+
+@pytest.mark.parametrize("argv", [["--episodes", "0"], ["--z-dim", "100"], ["--sigma0", "0"], ["--popsize", "1"],
+                                  ["--inputs", "zhd", "--danger-steps", "0"], ["--spatial", "ture"]])
+def test_bad_flag_values_get_one_line_before_anything_is_written(tmp_path, argv, capsys):
+    import train
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(["--out", str(tmp_path / "r"), *argv])
+    message = str(e.value) if e.value.code != 2 else capsys.readouterr().err.strip().splitlines()[-1]
+    assert argv[0] in message and not os.path.exists(tmp_path / "r")
+
+
+def test_d_resumes_exactly(tmp_path):
+    cfg = dict(steps=2048, num_envs=32, seed=3)
+    danger.train(danger.DangerConfig(out=str(tmp_path / "a.pt"), epochs=1, **cfg))
+    danger.train(danger.DangerConfig(out=str(tmp_path / "a.pt"), epochs=2, resume=True, **cfg))
+    danger.train(danger.DangerConfig(out=str(tmp_path / "b.pt"), epochs=2, **cfg))
+    a, b = (torch.load(tmp_path / f, weights_only=True) for f in ("a.pt", "b.pt"))
+    assert a["epoch"] == b["epoch"] == 2 and a["id"] == b["id"]
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_a_non_finite_loss_stops_v_and_keeps_the_last_good_checkpoint(tiny_run, tmp_path, monkeypatch):
+    r = copy_run(tiny_run, tmp_path, "data", "vae.pt")
+    before = (r / "vae.pt").read_bytes()
+    real = vae.vae_loss
+    monkeypatch.setattr(vae, "vae_loss", lambda *a: (real(*a)[0] * float("nan"), *real(*a)[1:]))
+    with pytest.raises(SystemExit) as e:
+        vae.train(VAEConfig(data=str(r / "data"), out=str(r / "vae.pt"), z_dim=8, spatial=False, batch_size=64,
+                            epochs=2, resume=True))
+    assert "V's loss is nan at epoch 2, step" in str(e.value) and "(epoch 1)" in str(e.value)
+    assert (r / "vae.pt").read_bytes() == before
+
+
+def tiny_pipeline(out, seed):
+    """Every stage on tiny sizes, in-process; returns the tensors of V, M, D and C and the data's bytes."""
+    collect_quiet(out / "data", seed=seed)
+    vae.train(VAEConfig(data=str(out / "data"), out=str(out / "vae.pt"), z_dim=8, spatial=False, epochs=1,
+                        batch_size=64, seed=seed))
+    mdnrnn.train(MDNConfig(data=str(out / "data"), vae=str(out / "vae.pt"), out=str(out / "mdnrnn.pt"), hidden=16,
+                           gaussians=2, epochs=1, seed=seed))
+    danger.train(danger.DangerConfig(out=str(out / "danger.pt"), steps=2048, num_envs=32, epochs=1, seed=seed))
+    controller.train(CConfig(vae=str(out / "vae.pt"), mdnrnn=str(out / "mdnrnn.pt"), danger=str(out / "danger.pt"),
+                             out=str(out / "controller.pt"), popsize=4, levels=2, eval_every=1, eval_levels=2,
+                             workers=1, seed=seed))
+    ckpts = {n: torch.load(out / f"{n}.pt", weights_only=True) for n in ("vae", "mdnrnn", "danger", "controller")}
+    tensors = {f"{n}.{k}": t for n, c in ckpts.items() for k, t in c.get("model", {"params": c.get("params")}).items()}
+    data = b"".join((out / "data" / f).read_bytes() for f in sorted(os.listdir(out / "data")) if f.endswith(".npz"))
+    return tensors, data
+
+
+def test_same_seed_same_result_bit_for_bit(tmp_path, one_torch_thread):
+    a, data_a = tiny_pipeline(tmp_path / "a", seed=0)
+    b, data_b = tiny_pipeline(tmp_path / "b", seed=0)
+    c, data_c = tiny_pipeline(tmp_path / "c", seed=1)
+    assert data_a == data_b and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert data_a != data_c and not any(torch.equal(a[k], c[k]) for k in ("vae.fc.weight", "controller.params"))

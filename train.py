@@ -81,6 +81,9 @@ PRESETS = {
 }
 
 
+RUN_FLAGS = ("out", "generations", "workers", "eval_episodes", "export")  # may change when a run dir is continued
+
+
 def parse_args(argv=None):
     """--preset picks the defaults; every other flag overrides one field of the preset."""
     pre = argparse.ArgumentParser(add_help=False)
@@ -113,6 +116,9 @@ def run(cfg):
 
     def path(name):
         return os.path.join(cfg.out, name)
+    if os.path.exists(path("train_config.json")):  # its stages were made with these flags: no silent mixing
+        with open(path("train_config.json")) as f:
+            collect.check_same_flags(dataclasses.asdict(cfg), json.load(f), path("train_config.json"), free=RUN_FLAGS)
     with open(path("train_config.json"), "w") as f:
         json.dump(dataclasses.asdict(cfg), f, indent=1)
     device = "cuda" if torch.cuda.is_available() else "cpu"

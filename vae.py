@@ -13,9 +13,9 @@ import json
 import os
 import sys
 import time
-import zipfile
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 import imageio.v2 as imageio
 import numpy as np
@@ -45,8 +45,9 @@ class VAEConfig:
     resume: bool = False  # continue from --out instead of refusing to overwrite it
 
     def __post_init__(self):  # every flag is checked before anything is written: one error line
-        if min(self.z_dim, self.epochs, self.batch_size, self.fg_threshold) < 1 or not self.lr > 0:
-            sys.exit("error: --z-dim, --epochs, --batch-size, --fg-threshold must be at least 1, --lr above 0")
+        if min(self.z_dim, self.epochs, self.batch_size, self.fg_threshold) < 1 or not self.lr > 0 or self.holdout == 1:
+            sys.exit("error: --z-dim, --epochs, --batch-size, --fg-threshold must be at least 1, --lr above 0, and "
+                     "--holdout not 1 (it would hold out every episode)")
         if self.spatial and self.z_dim % 64:
             sys.exit(f"error: --z-dim {self.z_dim}: a spatial V needs a multiple of 64 (8x8 cells), or --spatial false")
 
@@ -103,18 +104,13 @@ def to_input(frames):
     return torch.as_tensor(frames).permute(0, 3, 1, 2).float().div_(255)
 
 
-def kl_divergence(mu, logvar):
-    """KL(N(mu, sigma^2) || N(0, I)) per latent dim, closed form: (B,z_dim)."""
-    return 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar)
-
-
 def vae_loss(x, recon, mu, logvar, weight, beta, kl_tolerance):
     """Returns (loss, recon, kl), each averaged over the batch. Both terms are SUMMED within a frame (over
     64*64*3 pixels, over the z_dim latents) and AVERAGED over the batch, so beta=1 is the real ELBO (the
     seed's per-pixel MEAN error with a batch-SUMMED KL made the KL ~10^5 times too strong). `weight`
     (B,1,64,64) multiplies each pixel's error: moving things are a few % of the pixels, easily dropped."""
     rec = (weight * (recon - x).pow(2)).sum(dim=(1, 2, 3)).mean()
-    kl = kl_divergence(mu, logvar).sum(dim=1).mean()
+    kl = (0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar)).sum(dim=1).mean()  # KL(N(mu, sigma^2) || N(0, I)), closed form
     # Free bits as in Ha's code: the KL summed over the latent dims (here also averaged over the batch)
     # is not penalised below kl_tolerance * z_dim nats: a floor on the total, not on each dim.
     return rec + beta * kl.clamp(min=kl_tolerance * mu.shape[1]), rec, kl
@@ -133,7 +129,7 @@ def load_frames(data_dir, holdout, fg_threshold):
         try:
             with np.load(path) as d:
                 obs = d["obs"]
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        except Exception as e:  # OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile...
             sys.exit(f"error: {path}: not a readable .npz with an `obs` array: {e}")
         if obs.ndim != 4 or obs.shape[1:] != (64, 64, 3) or obs.dtype != np.uint8:
             sys.exit(f"error: {path}: obs is {obs.dtype}{obs.shape}, expected uint8 (T,64,64,3)")
@@ -238,17 +234,22 @@ def start_training(model, lr, ckpt=None):
     return model, opt, ckpt["epoch"] if ckpt else 0, ckpt["step"] if ckpt else 0, dev
 
 
+def data_identity(data_dir):
+    """What V is made from: the number of episode files in data_dir and the flags that collected them."""
+    names, made_with = os.listdir(data_dir) if os.path.isdir(data_dir) else [], Path(data_dir, "collect_config.json")
+    flags = json.loads(made_with.read_text()) if made_with.exists() else {}  # written by collect.py
+    return dict(episodes=sum(n.endswith(".npz") for n in names), data=identity(flags))
+
+
 def train(cfg):
-    episodes = len([f for f in os.listdir(cfg.data) if f.endswith(".npz")]) if os.path.isdir(cfg.data) else 0
-    ckpt = resume_point(cfg, made_from=dict(episodes=episodes))  # V is made from the episodes in --data
+    made_from = data_identity(cfg.data)
+    ckpt = resume_point(cfg, made_from=made_from)
     if ckpt and ckpt["epoch"] >= cfg.epochs:
         print(f"V: {cfg.out} already has {cfg.epochs} epochs, skipping")
         return load_vae(cfg.out)
     torch.manual_seed(cfg.seed)  # seeding, in one place: weights, sampling and (below) shuffling
     frames, masks, held = load_frames(cfg.data, cfg.holdout, cfg.fg_threshold)
     train_idx, test_idx = np.flatnonzero(~held), np.flatnonzero(held)
-    if len(train_idx) == 0:
-        sys.exit(f"error: --data {cfg.data}: no training frames left after --holdout {cfg.holdout}")
     frames_t, masks_t = torch.from_numpy(frames), torch.from_numpy(masks)
     model, opt, epoch, step, dev = start_training(ConvVAE(cfg.z_dim, cfg.spatial), cfg.lr, ckpt)
     os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
@@ -262,9 +263,8 @@ def train(cfg):
         t0, tot = time.time(), np.zeros(3)
         # Each epoch's order comes from (seed, epoch): a resumed run shuffles exactly as an unbroken one.
         perm = torch.from_numpy(np.random.default_rng([cfg.seed, epoch]).permutation(train_idx))
-        bar = tqdm(range(0, len(perm), cfg.batch_size), desc=f"V epoch {epoch + 1}/{cfg.epochs}", unit="batch",
-                   disable=None)  # disable=None: a bar on a terminal, none in a log file
-        for i in bar:
+        for i in tqdm(range(0, len(perm), cfg.batch_size), desc=f"V epoch {epoch + 1}/{cfg.epochs}", unit="batch",
+                      disable=None):  # disable=None: a bar on a terminal, none in a log file
             idx = perm[i:i + cfg.batch_size]
             x = to_input(frames_t[idx]).to(dev)  # (B,3,64,64)
             weight = 1 + cfg.fg_weight * masks_t[idx].unsqueeze(1).float().to(dev)  # (B,1,64,64)
@@ -287,7 +287,7 @@ def train(cfg):
         print("V " + " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
         config = dataclasses.asdict(cfg)
         save_atomic(dict(model=model.state_dict(), optimizer=opt.state_dict(), config=config, epoch=epoch, step=step,
-                         made_from=dict(episodes=episodes), id=identity(config, epoch=epoch, episodes=episodes)), cfg.out)
+                         made_from=made_from, id=identity(config, epoch=epoch, **made_from)), cfg.out)
         with open(base + ".jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
         imageio.imwrite(base + ".png", reconstruction_grid(model, show))
