@@ -103,6 +103,16 @@ def cli(cls, argv=None, defaults=None):
     return cls(**vars(p.parse_args(argv)))
 
 
+def interruptible(stage, cfg):
+    """stage(cfg) for the command line: Ctrl-C ends it with one line on how to go on, not a traceback."""
+    try:
+        return stage(cfg)
+    except KeyboardInterrupt:
+        again = "the same command" + (" with --resume" if getattr(cfg, "resume", True) is False else "")
+        print(f"\ninterrupted: what finished is saved; run {again} to continue", file=sys.stderr)
+        sys.exit(130)  # the shell's code for "ended by Ctrl-C"
+
+
 def fail(msg):
     """One clear line on stderr and exit code 1: the way every module reports bad input."""
     sys.exit(f"error: {msg}")
@@ -250,4 +260,4 @@ def collect(cfg):
 
 
 if __name__ == "__main__":
-    collect(cli(CollectConfig))
+    interruptible(collect, cli(CollectConfig))

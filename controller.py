@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from collect import ACTIONS, MAX_STEPS, NONE, UP, check_flags, cli, fail, make_env
+from collect import ACTIONS, MAX_STEPS, NONE, UP, check_flags, cli, fail, interruptible, make_env
 from danger import load_danger
 from mdnrnn import load_mdnrnn
 from vae import identity, load_checkpoint, load_vae, resume_point, save_atomic, to_input
@@ -297,4 +297,4 @@ def train(cfg):
 
 
 if __name__ == "__main__":
-    train(cli(CConfig))
+    interruptible(train, cli(CConfig))

@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from collect import ACTIONS, NONE, UP, check_flags, cli, fail, make_env
+from collect import ACTIONS, NONE, UP, check_flags, cli, fail, interruptible, make_env
 from vae import ReLU, identity, load_checkpoint, resume_point, save_atomic
 
 MOVE_PROBS = [0.1, 0.05, 0.15, 0.6, 0.1]  # LEFT, DOWN, NONE, UP, RIGHT: mostly UP, to reach the river
@@ -163,4 +163,4 @@ def load_danger(path):
 
 if __name__ == "__main__":
     torch.set_num_threads(os.cpu_count() or 1)
-    train(cli(DangerConfig))
+    interruptible(train, cli(DangerConfig))

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from collect import ACTION_NAMES, ACTIONS, MAX_STEPS, UP, check_flags, cli, fail, make_env, random_policy
+from collect import ACTION_NAMES, ACTIONS, MAX_STEPS, UP, check_flags, cli, fail, interruptible, make_env, random_policy
 from controller import Agent, choose, features, input_sizes
 from danger import load_danger
 from mdnrnn import load_mdnrnn, sample_next
@@ -286,4 +286,4 @@ def main(cfg):
 
 if __name__ == "__main__":
     torch.set_num_threads(os.cpu_count() or 1)
-    main(cli(EvalConfig))
+    interruptible(main, cli(EvalConfig))

@@ -256,6 +256,6 @@ def load_mdnrnn(path):
 
 
 if __name__ == "__main__":
-    from collect import cli
+    from collect import cli, interruptible
     torch.set_num_threads(os.cpu_count() or 1)
-    train(cli(MDNConfig))
+    interruptible(train, cli(MDNConfig))

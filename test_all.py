@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import cma
 import numpy as np
@@ -608,9 +609,38 @@ def test_d_and_its_input_go_together(tmp_path, tiny_run):
     assert not os.path.exists(tmp_path / "c.pt")
 
 
-def test_train_tiny_end_to_end_then_skips(tmp_path):
+def interrupt_at(marker, sig, *args):
+    """Run python *args until a line of its output starts with marker, then send it sig; -> (rc, out, err)."""
+    import signal
+    p = subprocess.Popen([sys.executable, *args], cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    out = []
+    for line in p.stdout:
+        out.append(line)
+        if line.startswith(marker):
+            time.sleep(0.3)  # inside the stage
+            p.send_signal(getattr(signal, sig))
+            break
+    rest, err = p.communicate(timeout=300)
+    return p.returncode, "".join(out) + rest, err
+
+
+def test_train_tiny_survives_interrupts_then_skips(tmp_path):
+    """Ctrl-C (or a SIGKILL) inside each stage, then the same command again: the run finishes."""
     out = tmp_path / "run"
-    r = run_cli("train.py", "--preset", "tiny", "--out", str(out), "--eval-episodes", "40")
+    cmd = ("train.py", "--preset", "tiny", "--out", str(out), "--eval-episodes", "40")
+    for stage, sig in ((1, "SIGINT"), (2, "SIGINT"), (3, "SIGKILL"), (4, "SIGINT"), (5, "SIGINT")):
+        rc, stdout, err = interrupt_at(f"== {stage}/5", sig, *cmd)
+        if rc == 0:  # the stage, and all after it, finished before the signal came
+            break
+        assert rc == (130 if sig == "SIGINT" else -9), (stage, rc, err[-2000:])
+        if sig == "SIGINT":
+            assert "Traceback" not in err and err.strip().splitlines()[-1] == (
+                "interrupted: what finished is saved; run the same command to continue"), err[-2000:]
+        for done in range(1, stage - 1):  # stages that finished before the last interrupt are not done again
+            assert {1: "nothing to do", 2: "vae.pt already has", 3: "mdnrnn.pt already has",
+                    4: "danger.pt already has"}[done] in stdout, (stage, done, stdout[-3000:])
+    r = run_cli(*cmd)
     assert r.returncode == 0, r.stderr[-3000:]
     for name in ("data", "vae.pt", "vae.png", "latents", "mdnrnn.pt", "danger.pt", "controller.pt", "summary.json",
                  "vae.jsonl", "mdnrnn.jsonl", "danger.jsonl", "controller.jsonl"):

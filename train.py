@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import json
 import os
+import resource
 import time
 from dataclasses import dataclass
 from typing import Literal
@@ -154,10 +155,13 @@ def run(cfg):
                               seed=cfg.seed, resume=True)
     controller.train(ccfg)
     c_steps = vae.load_checkpoint(path("controller.pt"))["env_steps"]
-    summary = dict(run=cfg.out, minutes=(time.time() - t0) / 60, collect_env_steps=c["env_steps"],
+    peak = max(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    summary = dict(run=cfg.out, minutes=(time.time() - t0) / 60, peak_rss_gb=peak / 2**20,  # ru_maxrss is in KB
+                   collect_env_steps=c["env_steps"],
                    danger_env_steps=int(d_steps), controller_env_steps=int(c_steps),
                    env_steps=int(c["env_steps"] + d_steps + c_steps))
-    print(f"trained in {summary['minutes']:.1f} min; real env steps: collection {c['env_steps']:,} + D's play "
+    print(f"trained in {summary['minutes']:.1f} min, peak memory (RSS) {summary['peak_rss_gb']:.2f} GB; "
+          f"real env steps: collection {c['env_steps']:,} + D's play "
           f"{int(d_steps):,} + fitness rollouts {int(c_steps):,} = {summary['env_steps']:,}")
     if cfg.eval_episodes:  # summary.json holds the last run that was tested; an untested resume keeps it
         print(f"== held-out test: {cfg.eval_episodes} episodes on levels training never used")
@@ -170,4 +174,4 @@ def run(cfg):
 
 
 if __name__ == "__main__":
-    run(parse_args())
+    collect.interruptible(run, parse_args())

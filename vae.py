@@ -295,6 +295,6 @@ def train(cfg):
 
 
 if __name__ == "__main__":
-    from collect import cli  # the command line only: the model, loss and training above need nothing of ours
+    from collect import cli, interruptible  # the command line only: the model, loss and training need nothing of ours
     torch.set_num_threads(os.cpu_count() or 1)
-    train(cli(VAEConfig))
+    interruptible(train, cli(VAEConfig))
