@@ -15,6 +15,7 @@ module imports them from here.
 import argparse
 import contextlib
 import dataclasses
+import errno
 import inspect
 import io
 import json
@@ -104,13 +105,19 @@ def cli(cls, argv=None, defaults=None):
 
 
 def interruptible(stage, cfg):
-    """stage(cfg) for the command line: Ctrl-C ends it with one line on how to go on, not a traceback."""
+    """stage(cfg) for the command line: Ctrl-C or a full disk ends it with one line on how to go on, not a
+    traceback. Every file is written atomically, so what finished before is intact."""
+    again = "the same command" + (" with --resume" if getattr(cfg, "resume", True) is False else "")
     try:
         return stage(cfg)
     except KeyboardInterrupt:
-        again = "the same command" + (" with --resume" if getattr(cfg, "resume", True) is False else "")
         print(f"\ninterrupted: what finished is saved; run {again} to continue", file=sys.stderr)
         sys.exit(130)  # the shell's code for "ended by Ctrl-C"
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        sys.exit(f"error: the disk is full (writing {e.filename or 'a file'}); what finished before is intact: "
+                 f"free some space and run {again} to continue")
 
 
 def fail(msg):
@@ -222,10 +229,10 @@ def collect(cfg):
     # One entry per step for all envs at once (no per-env work while stepping); an episode is cut
     # out of it when it ends. history[0] is step `base`; env i's running episode began at start[i].
     history, base, start = [], 0, np.zeros(cfg.num_envs, dtype=np.int64)
-    t0, finished, steps, frames, wins = time.time(), 0, 0, 0, 0
+    t0, finished, steps, frames, wins, writes = time.time(), 0, 0, 0, 0, []
     _, obs, _ = env.observe()
     # zlib releases the GIL: compressing in a thread overlaps with stepping procgen.
-    with ThreadPoolExecutor(1) as writer, tqdm(total=len(missing), desc="collect", unit="ep") as bar:
+    with ThreadPoolExecutor(1) as writer, tqdm(total=len(missing), desc="collect", unit="ep", disable=None) as bar:
         while finished < cfg.episodes:
             a = act()  # (N,) action indices
             env.act(ACTIONS[a])
@@ -240,9 +247,10 @@ def collect(cfg):
                 if finished in missing:
                     T = len(ep)
                     reward, done = np.array([r[i] for _, _, r in ep], dtype=np.float32), np.arange(T) == T - 1
-                    writer.submit(write_atomic, episode_path(cfg.out, finished), savez, compress=cfg.compress,
-                                  obs=np.stack([o[i] for o, _, _ in ep]),  # (T,64,64,3)
-                                  action=np.array([x[i] for _, x, _ in ep], dtype=np.int8), reward=reward, done=done)
+                    writes.append(writer.submit(
+                        write_atomic, episode_path(cfg.out, finished), savez, compress=cfg.compress,
+                        obs=np.stack([o[i] for o, _, _ in ep]),  # (T,64,64,3)
+                        action=np.array([x[i] for _, x, _ in ep], dtype=np.int8), reward=reward, done=done))
                     frames, wins = frames + T, wins + (reward[-1] > 0)
                     bar.update(1)
                 finished += 1
@@ -251,6 +259,11 @@ def collect(cfg):
             drop = start.min() - base  # steps that no running episode needs any more
             del history[:drop]
             base += drop
+            for w in [w for w in writes if w.done()]:
+                w.result()  # a failed write (a full disk) raises here, not never
+                writes.remove(w)
+    for w in writes:
+        w.result()
     dt = time.time() - t0
     n = len(missing)
     print(f"collect: {n} new episodes ({cfg.episodes - n} already there), {frames} frames, "

@@ -1,5 +1,6 @@
 """Tests of every stage, on CPU, in a few minutes:  python -m pytest -q test_all.py"""
 import dataclasses
+import errno
 import glob
 import json
 import math
@@ -904,3 +905,48 @@ def test_same_seed_same_result_bit_for_bit(tmp_path, one_torch_thread):
     c, data_c = tiny_pipeline(tmp_path / "c", seed=1)
     assert data_a == data_b and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert data_a != data_c and not any(torch.equal(a[k], c[k]) for k in ("vae.fc.weight", "controller.params"))
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2 MB filesystem (tmpfs; needs root, as here and in CI), skipped where it cannot be mounted."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here")
+    yield mnt
+    subprocess.run(["umount", str(mnt)])
+
+
+def test_a_full_disk_during_collection_leaves_whole_episodes_and_one_line(small_disk):
+    r = run_cli("collect.py", "--out", str(small_disk / "data"), "--episodes", "400", "--num-envs", "16")
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1].startswith("error: the disk is full (writing ")
+    episodes = collect.list_episodes(str(small_disk / "data"))
+    assert 0 < len(episodes) < 400
+    for path in episodes:  # every episode that carries a final name is whole
+        collect.load_episode(path)
+
+
+def test_a_full_disk_keeps_the_last_good_checkpoint(small_disk):
+    path = str(small_disk / "c.pt")
+    vae.save_atomic(dict(config={}, x=torch.zeros(150_000)), path)  # 600 KB
+    with pytest.raises(OSError) as e:
+        vae.save_atomic(dict(config={}, x=torch.ones(400_000)), path)  # 1.6 MB more does not fit in 2 MB
+    assert e.value.errno == errno.ENOSPC and torch.equal(vae.load_checkpoint(path)["x"], torch.zeros(150_000))
+    with pytest.raises(SystemExit) as e:  # what a user sees: one line, how to go on
+        collect.interruptible(lambda cfg: vae.save_atomic(dict(config={}, x=torch.ones(400_000)), path), None)
+    assert str(e.value).startswith("error: the disk is full (writing ") and "\n" not in str(e.value)
+
+
+def test_a_checkpoint_saved_from_cuda_tensors_resumes_on_cpu(tiny_run, tmp_path, monkeypatch):
+    r = copy_run(tiny_run, tmp_path, "data")
+    ckpt = torch.load(tiny_run / "vae.pt", weights_only=True)
+    monkeypatch.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")  # as if saved on a GPU
+    torch.save(ckpt, r / "vae.pt")
+    monkeypatch.undo()
+    with pytest.raises(RuntimeError):  # a plain torch.load on a machine without CUDA
+        torch.load(r / "vae.pt", weights_only=True)
+    model = vae.train(VAEConfig(data=str(r / "data"), out=str(r / "vae.pt"), z_dim=8, spatial=False, batch_size=64,
+                                epochs=2, resume=True))  # resumes: weights and Adam's state land on the CPU
+    assert torch.load(r / "vae.pt", weights_only=True)["epoch"] == 2 and next(model.parameters()).device.type == "cpu"

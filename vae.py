@@ -9,6 +9,7 @@ of uint8 (T,64,64,3) frames. Its defaults are the pipeline's: a spatial z of 128
 """
 import dataclasses
 import hashlib
+import io
 import json
 import os
 import sys
@@ -46,8 +47,7 @@ class VAEConfig:
 
     def __post_init__(self):  # every flag is checked before anything is written: one error line
         if min(self.z_dim, self.epochs, self.batch_size, self.fg_threshold) < 1 or not self.lr > 0 or self.holdout == 1:
-            sys.exit("error: --z-dim, --epochs, --batch-size, --fg-threshold must be at least 1, --lr above 0, and "
-                     "--holdout not 1 (it would hold out every episode)")
+            sys.exit("error: --z-dim, --epochs, --batch-size, --fg-threshold must be >= 1, --lr > 0, --holdout not 1")
         if self.spatial and self.z_dim % 64:
             sys.exit(f"error: --z-dim {self.z_dim}: a spatial V needs a multiple of 64 (8x8 cells), or --spatial false")
 
@@ -206,8 +206,9 @@ def resume_point(cfg, length="epochs", made_from=None):
 
 
 def save_atomic(obj, path):
-    torch.save(obj, path + ".tmp")
-    os.replace(path + ".tmp", path)  # a crash mid-write never leaves a half checkpoint
+    torch.save(obj, buffer := io.BytesIO())  # in memory first: a full disk is then a plain OSError (ENOSPC)
+    Path(path + ".tmp").write_bytes(buffer.getvalue())
+    os.replace(path + ".tmp", path)  # a crash or a full disk mid-write never leaves a half checkpoint
 
 
 @torch.no_grad()
@@ -250,7 +251,6 @@ def train(cfg):
     torch.manual_seed(cfg.seed)  # seeding, in one place: weights, sampling and (below) shuffling
     frames, masks, held = load_frames(cfg.data, cfg.holdout, cfg.fg_threshold)
     train_idx, test_idx = np.flatnonzero(~held), np.flatnonzero(held)
-    frames_t, masks_t = torch.from_numpy(frames), torch.from_numpy(masks)
     model, opt, epoch, step, dev = start_training(ConvVAE(cfg.z_dim, cfg.spatial), cfg.lr, ckpt)
     os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
     base = os.path.splitext(cfg.out)[0]
@@ -262,12 +262,12 @@ def train(cfg):
         model.train()
         t0, tot = time.time(), np.zeros(3)
         # Each epoch's order comes from (seed, epoch): a resumed run shuffles exactly as an unbroken one.
-        perm = torch.from_numpy(np.random.default_rng([cfg.seed, epoch]).permutation(train_idx))
+        perm = np.random.default_rng([cfg.seed, epoch]).permutation(train_idx)
         for i in tqdm(range(0, len(perm), cfg.batch_size), desc=f"V epoch {epoch + 1}/{cfg.epochs}", unit="batch",
                       disable=None):  # disable=None: a bar on a terminal, none in a log file
             idx = perm[i:i + cfg.batch_size]
-            x = to_input(frames_t[idx]).to(dev)  # (B,3,64,64)
-            weight = 1 + cfg.fg_weight * masks_t[idx].unsqueeze(1).float().to(dev)  # (B,1,64,64)
+            x = to_input(frames[idx]).to(dev)  # (B,3,64,64)
+            weight = 1 + cfg.fg_weight * torch.from_numpy(masks[idx]).unsqueeze(1).float().to(dev)  # (B,1,64,64)
             beta = cfg.beta * min(1.0, step / max(cfg.beta_warmup, 1))
             recon, mu, logvar = model(x)
             loss, rec, kl = vae_loss(x, recon, mu, logvar, weight, beta, cfg.kl_tolerance)
