@@ -108,7 +108,7 @@ def vae_loss(x, recon, mu, logvar, weight, beta, kl_tolerance):
     """Returns (loss, recon, kl), each averaged over the batch. Both terms are SUMMED within a frame (over
     64*64*3 pixels, over the z_dim latents) and AVERAGED over the batch, so beta=1 is the real ELBO (the
     seed's per-pixel MEAN error with a batch-SUMMED KL made the KL ~10^5 times too strong). `weight`
-    (B,1,64,64) multiplies each pixel's error: moving things are a few % of the pixels, easily dropped."""
+    (B,1,64,64) multiplies each pixel's error: moving things are ~5% of the pixels, easily dropped."""
     rec = (weight * (recon - x).pow(2)).sum(dim=(1, 2, 3)).mean()
     kl = (0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar)).sum(dim=1).mean()  # KL(N(mu, sigma^2) || N(0, I)), closed form
     # Free bits as in Ha's code: the KL summed over the latent dims (here also averaged over the batch)
