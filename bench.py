@@ -113,7 +113,7 @@ def main(as_json):
     inputs = "zhd"  # the default controller: [z, h, D's logit]
     n_features = sum(controller.input_sizes(inputs, Z, 256).values())
     params = np.random.default_rng(1).normal(0, 0.1, (32, 5 * (n_features + 1)))
-    params[:, collect.UP * (n_features + 1) + n_features] += 1.0  # lean on UP so that the episodes are of a realistic length
+    params[:, collect.UP * (n_features + 1) + n_features] += 1.0  # lean on UP: episodes of a realistic length
     levels = controller.level_draw(0, 0, 8)
     r = {}
     torch.set_num_threads(workers)

@@ -141,7 +141,8 @@ def check_same_flags(new, old, source, free=()):
     made `source`: a data dir, run dir or checkpoint is continued only with the flags that made it."""
     for name, value in new.items():
         if name not in free and old.get(name, value) != value:
-            fail(f"--{name.replace('_', '-')} {value} conflicts with {source}, made with {old[name]}: use another --out")
+            fail(f"--{name.replace('_', '-')} {value} conflicts with {source}, made with {old[name]}: "
+                 "use another --out")
 
 
 def episode_path(out, index):

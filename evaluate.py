@@ -53,7 +53,8 @@ def load_agent(run_dir):
     vae, mdn, ckpt = load_vae(paths["vae"]), load_mdnrnn(paths["mdnrnn"]), load_checkpoint(paths["controller"])
     inputs = ckpt["config"]["inputs"]
     n_features = sum(input_sizes(inputs, vae.z_dim, mdn.hidden).values())
-    if (ckpt["z_dim"], ckpt["hidden"]) != (vae.z_dim, mdn.hidden) or ckpt["params"].numel() != len(ACTIONS) * (n_features + 1):
+    n_params = len(ACTIONS) * (n_features + 1)
+    if (ckpt["z_dim"], ckpt["hidden"]) != (vae.z_dim, mdn.hidden) or ckpt["params"].numel() != n_params:
         fail(f"{paths['controller']}: trained for z_dim {ckpt['z_dim']}, hidden {ckpt['hidden']}, but "
              f"{paths['vae']} has z_dim {vae.z_dim} and {paths['mdnrnn']} hidden {mdn.hidden}")
     if "d" in inputs and not os.path.exists(paths["danger"]):

@@ -237,7 +237,8 @@ def train(cfg):
         epoch += 1
         nb = math.ceil(n_train / cfg.batch_size)
         row = dict(epoch=epoch, step=step, nll=tot[0] / nb, win_bce=tot[1] / nb, done_bce=tot[2] / nb,
-                   **test_metrics(model, test_set), steps_per_s=float(train_set["step_mask"].sum()) / (time.time() - t0))
+                   **test_metrics(model, test_set),
+                   steps_per_s=float(train_set["step_mask"].sum()) / (time.time() - t0))
         print("M " + " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
         config = dataclasses.asdict(cfg)
         save_atomic(dict(model=model.state_dict(), optimizer=opt.state_dict(), config=config, z_dim=z_dim, epoch=epoch,
