@@ -117,6 +117,17 @@ def sample_next(logit_pi, mu, log_sigma, win_logit, done_logit, tau=1.0):
     return z, torch.bernoulli(torch.sigmoid(win_logit[:, 0])), torch.bernoulli(torch.sigmoid(done_logit[:, 0]))
 
 
+def read_latents(path, keys, optional=False):
+    """The named arrays of one encoded episode (optional: only those it has); a corrupt file or a missing
+    array gets one error line."""
+    from collect import fail
+    try:
+        with np.load(path) as d:
+            return {k: d[k] for k in keys if k in d.files or not optional}
+    except Exception as e:  # a truncated or corrupt file: OSError, ValueError, EOFError, BadZipFile...
+        fail(f"{path}: not a readable encoded episode ({type(e).__name__}); delete it and run again to re-encode it")
+
+
 def encode_episodes(data, vae_path, latents):
     """Encode every episode of `data` with V into `latents` (one .npz each: mu, logvar float16 and
     the episode's action, reward, done). Resumable: episodes already encoded are skipped."""
@@ -126,9 +137,8 @@ def encode_episodes(data, vae_path, latents):
     os.makedirs(latents, exist_ok=True)
     done = sorted(f for f in os.listdir(latents) if f.endswith(".npz"))
     if done:
-        with np.load(os.path.join(latents, done[0])) as d:
-            encoded_by = str(d["vae_id"]) if "vae_id" in d.files else "an unrecorded V"
-        if encoded_by != vae_id:
+        recorded = read_latents(os.path.join(latents, done[0]), ("vae_id",), optional=True)
+        if str(recorded.get("vae_id", "an unrecorded V")) != vae_id:
             fail(f"{latents}: encoded by another V than {vae_path}: use another --latents (or --out)")
     todo = [p for p in list_episodes(data) if not os.path.exists(os.path.join(latents, os.path.basename(p)))]
     t0, n = time.time(), 0
@@ -163,8 +173,7 @@ def load_sequences(latents, seq_len, holdout):
     cols = {k: [] for k in ("mu", "logvar", "action", "win", "done", "step_mask", "next_mask")}
     held = []
     for k, name in enumerate(files):
-        with np.load(os.path.join(latents, name)) as d:
-            ep = {key: d[key] for key in d.files}
+        ep = read_latents(os.path.join(latents, name), ("mu", "logvar", "action", "reward", "done"))
         T = len(ep["action"])
         for s in range(0, T, seq_len):
             n = min(seq_len, T - s)  # steps in this window

@@ -950,3 +950,13 @@ def test_a_checkpoint_saved_from_cuda_tensors_resumes_on_cpu(tiny_run, tmp_path,
     model = vae.train(VAEConfig(data=str(r / "data"), out=str(r / "vae.pt"), z_dim=8, spatial=False, batch_size=64,
                                 epochs=2, resume=True))  # resumes: weights and Adam's state land on the CPU
     assert torch.load(r / "vae.pt", weights_only=True)["epoch"] == 2 and next(model.parameters()).device.type == "cpu"
+
+
+def test_a_corrupt_latent_file_gets_one_line(tiny_run, tmp_path):
+    r = copy_run(tiny_run, tmp_path, "data", "vae.pt", "latents")
+    first = sorted((r / "latents").iterdir())[0]
+    first.write_bytes(first.read_bytes()[:100])  # truncated
+    cfg = MDNConfig(data=str(r / "data"), vae=str(r / "vae.pt"), out=str(r / "m.pt"), hidden=16, gaussians=2)
+    with pytest.raises(SystemExit) as e:
+        mdnrnn.train(cfg)
+    assert str(e.value).startswith(f"error: {first}: not a readable encoded episode") and "\n" not in str(e.value)
