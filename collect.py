@@ -7,8 +7,9 @@ compressed .npz: obs uint8 (T,64,64,3), action int8 (T,) (an index 0..4 into ACT
 float32 (T,), done bool (T,) with done[-1] True. obs[t] is the frame the agent saw when it chose
 action[t]; reward[t] is what that action earned.
 
-This file is also the one definition of leaper's actions and of how to make the env; every other
-module imports them from here.
+This file is also the one definition of leaper's actions and of how to make the env, and it holds
+what every module's command line shares (the dataclass CLI, flag checks, one-line errors, Ctrl-C);
+every other module imports them from here.
 
     python collect.py --out runs/data --episodes 2000 --distribution-mode easy --seed 0
 """
