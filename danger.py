@@ -156,8 +156,9 @@ def train(cfg):
 
 def load_danger(path):
     """Rebuild D from its checkpoint alone."""
-    model = DangerNet()
-    model.load_state_dict({k: v.float() for k, v in load_checkpoint(path)["model"].items()})
+    model, ckpt = DangerNet(), load_checkpoint(path)
+    model.load_state_dict({k: v.float() for k, v in ckpt["model"].items()})
+    model.id = ckpt.get("id", "")  # what made it: later stages record it (made_from)
     return model.eval()
 
 

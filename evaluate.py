@@ -60,8 +60,9 @@ def load_agent(run_dir):
     if "d" in inputs and not os.path.exists(paths["danger"]):
         fail(f"--run {run_dir}: its controller reads D, but there is no danger.pt (train it with danger.py)")
     danger = load_danger(paths["danger"]) if "d" in inputs else None
+    ids = dict(vae=vae.id, mdnrnn=mdn.id, danger=danger.id if danger else None)
     for name, made_with in ckpt.get("made_from", {}).items():  # C, and the V, M and D it was trained with
-        if load_checkpoint(paths[name]).get("id") != made_with:
+        if ids[name] != made_with:
             fail(f"--run {run_dir}: {paths['controller']} was trained with another {name}.pt than the one there")
     weights = ckpt["params"].float().view(len(ACTIONS), -1)  # (5,n_features+1), bias last
     return Agent(vae, mdn, weights, inputs, danger, ckpt["config"]["distribution_mode"])

@@ -44,11 +44,9 @@ class MDNConfig:
     resume: bool = False  # continue from --out instead of refusing to overwrite it
 
     def __post_init__(self):  # every flag is checked before anything is written: one error line
-        for name in ("hidden", "gaussians", "seq_len", "batch_size", "epochs"):
-            if getattr(self, name) < 1:
-                raise SystemExit(f"error: --{name.replace('_', '-')} {getattr(self, name)}: expected at least 1")
-        if not (self.lr > 0 and self.grad_clip > 0):
-            raise SystemExit("error: --lr and --grad-clip must be above 0")
+        from collect import check_flags  # the training config, not the model: it may borrow
+        check_flags(self, at_least=dict(hidden=1, gaussians=1, seq_len=1, batch_size=1, epochs=1, holdout=0),
+                    above=dict(lr=0, grad_clip=0))
 
 
 class MDNRNN(nn.Module):
@@ -132,13 +130,13 @@ def encode_episodes(data, vae_path, latents):
     """Encode every episode of `data` with V into `latents` (one .npz each: mu, logvar float16 and
     the episode's action, reward, done). Resumable: episodes already encoded are skipped."""
     from collect import fail, list_episodes, load_episode
-    from vae import encode, load_checkpoint, load_vae
-    vae, vae_id = load_vae(vae_path), load_checkpoint(vae_path).get("id", "")
+    from vae import encode, load_vae
+    vae = load_vae(vae_path)
     os.makedirs(latents, exist_ok=True)
     done = sorted(f for f in os.listdir(latents) if f.endswith(".npz"))
     if done:
         recorded = read_latents(os.path.join(latents, done[0]), ("vae_id",), optional=True)
-        if str(recorded.get("vae_id", "an unrecorded V")) != vae_id:
+        if str(recorded.get("vae_id", "an unrecorded V")) != vae.id:
             fail(f"{latents}: encoded by another V than {vae_path}: use another --latents (or --out)")
     todo = [p for p in list_episodes(data) if not os.path.exists(os.path.join(latents, os.path.basename(p)))]
     t0, n = time.time(), 0
@@ -147,7 +145,7 @@ def encode_episodes(data, vae_path, latents):
         mu, logvar = encode(vae, ep["obs"])
         target = os.path.join(latents, os.path.basename(path))
         np.savez(target + ".tmp.npz", mu=mu.astype(np.float16), logvar=logvar.astype(np.float16),
-                 action=ep["action"], reward=ep["reward"], done=ep["done"], vae_id=np.array(vae_id))
+                 action=ep["action"], reward=ep["reward"], done=ep["done"], vae_id=np.array(vae.id))
         os.replace(target + ".tmp.npz", target)
         n += len(mu)
     if todo:
@@ -258,10 +256,12 @@ def train(cfg):
 
 
 def load_mdnrnn(path):
-    """Rebuild M from its checkpoint alone."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    """Rebuild M from its checkpoint alone (a file that is not one gets vae.load_checkpoint's error line)."""
+    from vae import load_checkpoint
+    ckpt = load_checkpoint(path)
     model = MDNRNN(ckpt["z_dim"], ckpt["config"]["hidden"], ckpt["config"]["gaussians"])
     model.load_state_dict({k: v.float() for k, v in ckpt["model"].items()})
+    model.id = ckpt.get("id", "")  # what made it: later stages record it (made_from)
     return model.eval()
 
 

@@ -74,8 +74,7 @@ class ConvVAE(nn.Module):
         self.encoder = nn.Sequential(  # (B,3,64,64) -> (B,256,2,2) -> (B,1024)
             nn.Conv2d(3, 32, 4, 2), ReLU(), nn.Conv2d(32, 64, 4, 2), ReLU(),
             nn.Conv2d(64, 128, 4, 2), ReLU(), nn.Conv2d(128, 256, 4, 2), ReLU(), nn.Flatten())
-        self.mu, self.logvar = nn.Linear(1024, z_dim), nn.Linear(1024, z_dim)
-        self.fc = nn.Linear(z_dim, 1024)
+        self.mu, self.logvar, self.fc = nn.Linear(1024, z_dim), nn.Linear(1024, z_dim), nn.Linear(z_dim, 1024)
         self.decoder = nn.Sequential(  # (B,1024,1,1) -> (B,3,64,64)
             nn.ConvTranspose2d(1024, 128, 5, 2), ReLU(), nn.ConvTranspose2d(128, 64, 5, 2), ReLU(),
             nn.ConvTranspose2d(64, 32, 6, 2), ReLU(), nn.ConvTranspose2d(32, 3, 6, 2), nn.Sigmoid())
@@ -163,7 +162,7 @@ def load_checkpoint(path):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # e.g. pickle.UnpicklingError for a file that would need arbitrary code
-        why = "no such file" if isinstance(e, FileNotFoundError) else f"{type(e).__name__}: {str(e).splitlines()[0]}"
+        why = "no such file" if isinstance(e, FileNotFoundError) else type(e).__name__  # not torch's advice to unpickle
         sys.exit(f"error: {path}: not a checkpoint of this project ({why})")
     if not isinstance(ckpt, dict) or "config" not in ckpt:
         sys.exit(f"error: {path}: not a checkpoint of this project (expected a dict with a config)")
@@ -175,6 +174,7 @@ def load_vae(path):
     ckpt = load_checkpoint(path)
     model = ConvVAE(ckpt["config"]["z_dim"], ckpt["config"].get("spatial", False))
     model.load_state_dict({k: v.float() for k, v in ckpt["model"].items()})
+    model.id = ckpt.get("id", "")  # what made it: later stages record it (made_from)
     return model.eval().to(memory_format=torch.channels_last)  # ~30% faster encoding on CPU; equal up to float rounding
 
 
