@@ -8,6 +8,7 @@ same run with the same models, the same controllers and the same levels.
 import contextlib
 import io
 import json
+import math
 import os
 import sys
 import tempfile
@@ -98,6 +99,22 @@ def naive_rollout(v, m, d, params, level_seeds, inputs, max_steps):
     return np.array(returns).reshape(len(params), len(level_seeds)), steps
 
 
+def bench_dream(m, Z, threads, candidates=32, episodes=16):
+    """Agent steps/s of M's dream (mdnrnn.dream): the same 32 candidates x 16 episodes as a generation of real
+    fitness, C on [z, h] (no frames, so no D), M's done head set to end episodes after ~60 steps as real ones do."""
+    torch.set_num_threads(threads)
+    with torch.no_grad():
+        m.head.bias[-2:] = torch.tensor([-10.0, -math.log(59)])  # win ~never, done with probability 1/60
+    n_features = sum(controller.input_sizes("zh", Z, m.hidden).values())
+    W = torch.randn(candidates * episodes, 5, n_features + 1) * 0.1  # (P*E,5,F+1): one C per dream episode
+
+    def policy(z, h, idx):
+        return controller.choose(W[idx], controller.features(z, h, "zh"))
+    t0 = time.time()
+    _, lengths = mdnrnn.dream(m, policy, torch.randn(len(W), Z), tau=1.15, max_steps=250)
+    return lengths.sum().item() / (time.time() - t0)
+
+
 def main(as_json):
     warnings.filterwarnings("ignore")
     torch.manual_seed(0)
@@ -124,7 +141,7 @@ def main(as_json):
     r["vae_train_frames_per_s"] = bench_vae(vae.ConvVAE(Z, spatial=True))
     r["flat_vae_train_frames_per_s"] = bench_vae(vae.ConvVAE(32))  # Ha's V, for comparison
     r["encoder_frames_per_s"] = bench_encoder(v)
-    with controller.make_pool(workers, vpath, mpath, dpath) as pool:
+    with controller.make_pool("process", workers, vpath, mpath, dpath) as pool:
         # Warm-up, as in training where the pool lives for the whole run: each worker's first env
         # loads procgen's library (~1 s), once.
         list(pool.map(controller.rollout_job, [(params[:1], levels[:1], "easy", inputs, 1)] * 4 * workers))
@@ -137,6 +154,8 @@ def main(as_json):
     naive, nsteps = naive_rollout(v, m, d, params[:4], levels, inputs, 250)
     r["naive_rollout_steps_per_s"] = nsteps / (time.time() - t0) * workers  # scaled to all cores, generously
     r["rollouts_identical"] = bool(np.array_equal(naive.mean(1), ours[:4]))
+    r["dream_steps_per_s"] = bench_dream(m, Z, workers)
+    r["dream_speedup"] = r["dream_steps_per_s"] / r["rollout_steps_per_s"]
     r["rollout_speedup"] = r["rollout_steps_per_s"] / r["naive_rollout_steps_per_s"]
     r["stepping_speedup"] = r["vector_stepping_steps_per_s"] / r["naive_stepping_steps_per_s"]
     for k, x in r.items():

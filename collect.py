@@ -1,15 +1,13 @@
 """Random rollouts of procgen leaper: the data V and M learn from (World Models, section 3: "collect
-10,000 rollouts from a random policy").
+10,000 rollouts from a random policy"). One process steps N environments in one C++ call (procgen's
+ProcgenGym3Env): tens of thousands of steps per second on a laptop CPU. Each finished episode is one
+compressed .npz: obs uint8 (T,64,64,3), action int8 (T,) (an index 0..4 into ACTIONS), reward float32
+(T,), done bool (T,) with done[-1] True. obs[t] is the frame the agent saw when it chose action[t];
+reward[t] is what that action earned.
 
-One process steps N environments in one C++ call (procgen's ProcgenGym3Env), so collection runs
-at tens of thousands of steps per second on a laptop CPU. Each finished episode is written as one
-compressed .npz: obs uint8 (T,64,64,3), action int8 (T,) (an index 0..4 into ACTIONS), reward
-float32 (T,), done bool (T,) with done[-1] True. obs[t] is the frame the agent saw when it chose
-action[t]; reward[t] is what that action earned.
-
-This file is also the one definition of leaper's actions and of how to make the env, and it holds
-what every module's command line shares (the dataclass CLI, flag checks, one-line errors, Ctrl-C);
-every other module imports them from here.
+This file is also the one definition of leaper's actions, of the env and of the episode format (V reads
+its frames through load_frames), and it holds what every command line shares (the dataclass CLI, flag
+checks, one-line errors, Ctrl-C); every other module imports them from here.
 
     python collect.py --out runs/data --episodes 2000 --distribution-mode easy --seed 0
 """
@@ -150,23 +148,16 @@ def episode_path(out, index):
     return os.path.join(out, f"episode_{index:06d}.npz")
 
 
-def write_atomic(path, save, **arrays):
-    """save(file, **arrays) to a temp file, then rename: a half-written file never carries a final
-    name, so resume can trust names. Used for episodes and (with torch.save) checkpoints."""
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        save(f, **arrays)
-    os.replace(tmp, path)
-
-
-def savez(f, compress, **arrays):
-    """np.savez with zlib level 1: 2-3x faster than np.savez_compressed (level 6) on these frames,
-    for files ~1.5x larger (measured: 20k against 7k frames/s). np.load reads both."""
+def savez(path, compress, **arrays):
+    """np.savez with zlib level 1: 2-3x faster than np.savez_compressed (level 6) on these frames, for files
+    ~1.5x larger (measured: 20k against 7k frames/s); np.load reads both. Written to a temp file, then renamed:
+    a half-written file never has a final name, so resume can trust names."""
     mode = zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED
-    with zipfile.ZipFile(f, "w", mode, compresslevel=1) as z:
+    with zipfile.ZipFile(path + ".tmp", "w", mode, compresslevel=1) as z:
         for name, a in arrays.items():
             with z.open(name + ".npy", "w", force_zip64=True) as g:
                 np.lib.format.write_array(g, np.asarray(a))
+    os.replace(path + ".tmp", path)
 
 
 def load_episode(path):
@@ -190,6 +181,33 @@ def list_episodes(data_dir):
     if not files:
         fail(f"--data {data_dir}: no episode_*.npz files in it (make them with collect.py)")
     return [os.path.join(data_dir, f) for f in files]
+
+
+def load_frames(data_dir, holdout, fg_threshold, store):
+    """V's frames: each frame of a data dir and its foreground mask (what differs from the episode's median frame:
+    the frog, cars, logs) go to the open file `store`, so RAM holds a batch, not the data (paper preset: ~5 GB).
+    -> rows(idx) -> (frames uint8 (n,64,64,3), masks uint8 (n,64,64)) of frame indices idx; a held-out flag per
+    frame (every holdout-th episode); the share of foreground pixels."""
+    held, fg = [], 0
+    for k, path in enumerate(tqdm(list_episodes(data_dir), desc="load frames", unit="ep", disable=None)):
+        obs = load_episode(path)["obs"]  # (T,64,64,3)
+        background = np.median(obs, axis=0).astype(np.int16)  # (64,64,3)
+        mask = (np.abs(obs - background).max(axis=3) > fg_threshold).astype(np.uint8)  # (T,64,64)
+        store.write(np.concatenate([obs.reshape(len(obs), -1), mask.reshape(len(obs), -1)], 1).tobytes())  # (T,ROW)
+        held.append(np.full(len(obs), holdout > 0 and k % holdout == holdout - 1))
+        fg += int(mask.sum())
+    held = np.concatenate(held)
+
+    def rows(idx):
+        out = np.empty((len(idx), ROW), np.uint8)  # (n,ROW): a frame's 64*64*3 bytes, then its mask's 64*64
+        for k, i in enumerate(idx):  # seek + read, not np.memmap: mapped pages would count as the process's memory
+            store.seek(int(i) * ROW)
+            store.readinto(out[k])
+        return out[:, :-64 * 64].reshape(-1, 64, 64, 3), out[:, -64 * 64:].reshape(-1, 64, 64)
+    return rows, held, fg / (len(held) * 64 * 64)
+
+
+ROW = 64 * 64 * 4  # bytes per frame in load_frames' store: 64*64*3 of the frame, 64*64 of its foreground mask
 
 
 def random_policy(rng, n, up_prob, max_repeat):
@@ -250,7 +268,7 @@ def collect(cfg):
                     T = len(ep)
                     reward, done = np.array([r[i] for _, _, r in ep], dtype=np.float32), np.arange(T) == T - 1
                     writes.append(writer.submit(
-                        write_atomic, episode_path(cfg.out, finished), savez, compress=cfg.compress,
+                        savez, episode_path(cfg.out, finished), compress=cfg.compress,
                         obs=np.stack([o[i] for o, _, _ in ep]),  # (T,64,64,3)
                         action=np.array([x[i] for _, x, _ in ep], dtype=np.int8), reward=reward, done=done))
                     frames, wins = frames + T, wins + (reward[-1] > 0)

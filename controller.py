@@ -1,23 +1,20 @@
-"""C: the controller of World Models (Ha & Schmidhuber 2018, section 2.3), one linear layer + sigmoid
-on [z_t, h_t] -> 5 action scores, trained by CMA-ES (the `cma` package) on the real game. With
---inputs zhd (the default) it also reads D's logit of "this UP is deadly" (danger.py), and CMA-ES
-starts at the controller D implies: UP iff that logit < 0, else no-op.
-
-Fitness rollouts are batched: one procgen env per level holds a copy of the level per candidate (all
-candidates play the same levels), V, D and M run once per step on all the envs still playing, and
-each candidate applies its own weights to its envs. The levels are split over a process pool.
+"""C: the controller of World Models (Ha & Schmidhuber 2018, section 2.3), one linear layer + sigmoid on [z_t, h_t]
+-> 5 action scores, trained by CMA-ES (`cma`) on the real game. With --inputs zhd (the default) it also reads D's
+logit of "this UP is deadly" (danger.py) and starts at the controller D implies: UP iff that logit < 0, else no-op.
+Fitness rollouts are batched (each level's env holds a copy per candidate; V, D, M run once per step on all envs)
+and the levels are split over a pool of processes (or Ray's, over a cluster).
 
     python controller.py                          # runs/vae.pt, mdnrnn.pt, danger.pt -> runs/controller.pt
     python controller.py --inputs zh --out runs/controller_zh.pt     # Ha's C on [z, h], without D
 """
 import dataclasses
+import io
 import json
 import multiprocessing as mp
 import os
 import signal
 import time
 from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Literal
 
@@ -45,12 +42,12 @@ class CConfig:
     levels: int = 16  # episodes per candidate per generation: the same new levels for all candidates
     max_steps: int = 250  # fitness episodes stop here (easy wins take 25-100 steps; the game's cap is 500)
     sigma0: float = 0.5  # initial CMA-ES step size
-    up_bias: float = 0.0  # start the search at "always UP" (UP's bias = up_bias) instead of at zero
     danger_prior: float = 1.0  # with d: start at "UP iff D's logit < 0, else no-op" (0: start at zero)
     diagonal: int = 1000  # above this many parameters use the diagonal (sep-)CMA, O(n) per step
     eval_every: int = 5  # every this many generations, re-test the CMA mean and the generation's best
     eval_levels: int = 64  # ... on this many fixed validation levels; the better one is kept as "best"
     workers: int = 0  # processes for the fitness rollouts (0 = one per CPU core)
+    pool: Literal["process", "ray"] = "process"  # local processes, or Ray's (a cluster when RAY_ADDRESS is set)
     seed: int = 0  # seeds CMA-ES and the level draws
     resume: bool = False  # continue the same search from --out
 
@@ -71,8 +68,7 @@ def features(z, h, inputs, danger=None):
 
 
 def choose(weights, f):
-    """C itself: weights (n,5,n_features+1) (each env its own controller; bias last) or
-    (5,n_features+1) (one for all), inputs f (n,n_features) -> action indices (n,)."""
+    """C itself: weights (n,5,F+1) (one C per env; bias last) or (5,F+1), inputs f (n,F) -> action indices (n,)."""
     weights = weights.expand(len(f), -1, -1)  # (n,5,n_features+1)
     scores = torch.sigmoid(torch.einsum("naf,nf->na", weights[..., :-1], f) + weights[..., -1])  # (n,5)
     return scores.argmax(-1)  # sigmoid is monotonic: the action is the argmax of the linear scores, as in the seed
@@ -87,8 +83,7 @@ class Agent:
         self.danger, self.distribution_mode, self.state, self.last = danger, distribution_mode, None, None
 
     def reset(self, num_envs):
-        H = self.mdn.hidden
-        self.state = (torch.zeros(1, num_envs, H), torch.zeros(1, num_envs, H))  # M's memory (h, c), each (1,N,H)
+        self.state = torch.zeros(2, 1, num_envs, self.mdn.hidden).unbind()  # M's memory (h, c), each (1,N,H)
         self.last = None  # the previous frame, for D
 
     @torch.no_grad()
@@ -117,9 +112,8 @@ class Agent:
 
 
 def rollout(vae, mdn, params, level_seeds, distribution_mode, inputs, max_steps=MAX_STEPS, danger=None):
-    """Play every candidate of params (P, n_params) once on each level. Returns (P, E) returns and
-    the number of agent steps. Each env counts only its first episode; finished envs cost no
-    encoder or LSTM work (procgen still steps them, with the no-op, which is cheap)."""
+    """Play every candidate of params (P,n_params) once on each level: -> returns (P,E), agent steps. Each env counts
+    only its first episode; finished envs cost no V or M work (procgen steps them with the cheap no-op)."""
     P, E = len(params), len(level_seeds)
     envs = [make_env(P, distribution_mode, start_level=int(s), num_levels=1) for s in level_seeds]
     weights = torch.as_tensor(params, dtype=torch.float32).view(P, len(ACTIONS), -1).repeat(E, 1, 1)  # (E*P,5,F+1)
@@ -131,8 +125,7 @@ def rollout(vae, mdn, params, level_seeds, distribution_mode, inputs, max_steps=
         for k, env in enumerate(envs):
             env.act(actions[k * P:(k + 1) * P])
         out = [e.observe() for e in envs]  # (reward, obs, first) per level
-        rew, obs = np.concatenate([o[0] for o in out]), np.concatenate([o[1]["rgb"] for o in out])
-        first = np.concatenate([o[2] for o in out])
+        rew, obs, first = (np.concatenate(x) for x in zip(*[(r, o["rgb"], f) for r, o, f in out]))  # (E*P,...) each
         ret[alive] += rew[alive]
         steps += int(alive.sum())
         # CRUCIAL: procgen auto-resets; after `first` an env is playing a new level: stop counting it.
@@ -145,21 +138,30 @@ def rollout(vae, mdn, params, level_seeds, distribution_mode, inputs, max_steps=
 _models = {}  # each pool worker loads V, M and D once
 
 
-def init_worker(vae_path, mdn_path, danger_path=""):
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
+def init_worker(vae, mdn, danger=b""):
+    """Each of vae, mdn, danger: a checkpoint's path, or its bytes (Ray's workers may run on other machines)."""
+    if mp.current_process().name != "MainProcess":  # a pool worker (not --workers 1): Ctrl-C is the main's
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(1)  # one thread per process: the processes are the parallelism
-    _models["vae"], _models["mdn"] = load_vae(vae_path), load_mdnrnn(mdn_path)
-    _models["danger"] = load_danger(danger_path) if danger_path else None
+    vae, mdn, danger = (io.BytesIO(x) if isinstance(x, bytes) and x else x for x in (vae, mdn, danger))
+    _models.update(vae=load_vae(vae), mdn=load_mdnrnn(mdn), danger=load_danger(danger) if danger else None)
 
 
 def rollout_job(job):
     return rollout(_models["vae"], _models["mdn"], *job, danger=_models["danger"])
 
 
-def make_pool(workers, vae_path, mdn_path, danger_path=""):
-    """A process pool whose workers hold the models. ProcessPoolExecutor, not multiprocessing.Pool:
-    when a worker dies (SIGKILL, out of memory, a segfault in the env) it raises BrokenProcessPool
-    at once, where Pool.map waits forever for the lost job."""
+def make_pool(kind, workers, vae_path, mdn_path, danger_path=""):
+    """Worker processes that hold the models. ProcessPoolExecutor, not multiprocessing.Pool: a worker that dies
+    (SIGKILL, out of memory, a segfault in the env) raises BrokenProcessPool at once, where Pool.map waits forever.
+    kind "ray": Ray's drop-in multiprocessing Pool (a dead worker raises RayActorError), given the files' bytes."""
+    if kind == "ray":
+        try:
+            from ray.util.multiprocessing import Pool  # its ray.init() joins RAY_ADDRESS's cluster, else starts one
+        except ImportError:
+            fail("--pool ray needs Ray, which is not installed: pip install ray")
+        files = tuple(open(p, "rb").read() if p else b"" for p in (vae_path, mdn_path, danger_path))
+        return Pool(workers, init_worker, files)
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
     return ProcessPoolExecutor(workers, ctx, initializer=init_worker, initargs=(vae_path, mdn_path, danger_path))
 
@@ -168,7 +170,7 @@ def fitness(pool, params, level_seeds, distribution_mode, inputs, workers, max_s
     """Mean return of each candidate over the levels split over the workers; serial (pool=None): the same."""
     chunks = [c for c in np.array_split(np.asarray(level_seeds), workers) if len(c)]
     jobs = [(params, c, distribution_mode, inputs, max_steps) for c in chunks]
-    results = list(pool.map(rollout_job, jobs) if pool else map(rollout_job, jobs))
+    results = list((pool.map if pool else map)(rollout_job, jobs))
     returns = np.concatenate([r for r, _ in results], axis=1)  # (P,E)
     return returns.mean(axis=1), sum(s for _, s in results)
 
@@ -184,8 +186,6 @@ def cma_generation(es, evaluate):
 def resume(es, ckpt, path):
     """Rebuild CMA-ES's state by asking and telling each stored generation again: exact (the same seed asks
     for the same candidates, checked), and nothing is unpickled. -> (gen, best, score, env steps, history)."""
-    if "cma_x" not in ckpt:
-        fail(f"{path}: from an older version (a pickled CMA-ES state, never loaded); use another --out")
     history_x, history_fit = list(ckpt["cma_x"].numpy()), list(ckpt["cma_fitness"].numpy())  # (P,n), (P,) each
     for g, (X, fit) in enumerate(zip(history_x, history_fit)):
         if not np.array_equal(np.array(es.ask()), X):
@@ -196,11 +196,10 @@ def resume(es, ckpt, path):
             history_x, history_fit)
 
 
-def start_point(n_params, inputs, up_bias=0.0, danger_prior=0.0):
-    """CMA-ES's first mean, (5, n_features+1), bias last: zero plus priors the search can leave. up_bias: always
-    UP. danger_prior: D's rule "UP iff D's logit < 0, else no-op" (in hard mode CMA-ES from zero missed it)."""
+def start_point(n_params, inputs, danger_prior=0.0):
+    """CMA-ES's first mean (5,n_features+1), bias last: zero, or with d and danger_prior D's rule "UP iff D's
+    logit < 0, else no-op", a prior the search can leave (in hard mode CMA-ES from zero missed it)."""
     x0 = np.zeros((len(ACTIONS), n_params // len(ACTIONS)))  # (5,n_features+1)
-    x0[UP, -1] = up_bias
     if "d" in inputs:
         x0[UP, -2] = -danger_prior  # d is the last input, just before the bias
         x0[[a for a in range(len(ACTIONS)) if a not in (UP, NONE)], -1] -= danger_prior  # else NONE wins
@@ -214,7 +213,7 @@ def make_search(cfg, sizes):
     stds = np.concatenate([np.full(n, n ** -0.5) for n in sizes.values()] + [np.ones(1)])  # (n_features+1,)
     opts = dict(popsize=cfg.popsize, seed=cfg.seed + 1, CMA_diagonal=n_params > cfg.diagonal, verbose=-9,
                 CMA_stds=np.tile(stds, len(ACTIONS)))  # (5*(n_features+1),), the order of x0.ravel()
-    x0 = start_point(n_params, cfg.inputs, cfg.up_bias, cfg.danger_prior)
+    x0 = start_point(n_params, cfg.inputs, cfg.danger_prior)
     return cma.CMAEvolutionStrategy(x0.ravel(), cfg.sigma0, opts)
 
 
@@ -235,37 +234,39 @@ def train(cfg):
     vae, mdn = load_vae(cfg.vae), load_mdnrnn(cfg.mdnrnn)
     # Seeding, in one place: CMA-ES's sampling (its seed) and the levels (level_draw, val_levels).
     es = make_search(cfg, input_sizes(cfg.inputs, vae.z_dim, mdn.hidden))
-    n_params, workers = es.N, cfg.workers or os.cpu_count() or 1
+    workers = cfg.workers or os.cpu_count() or 1
     val_levels = np.random.default_rng([cfg.seed, 10**9]).integers(0, 2**31 - 1, cfg.eval_levels)
-    # Until the first validation the checkpoint holds the start point (D's rule): a playable agent, not zeros.
-    gen, best, best_score, env_steps, history_x, history_fit = 0, es.mean.copy(), -1.0, 0, [], []
-    if ckpt:
-        gen, best, best_score, env_steps, history_x, history_fit = resume(es, ckpt, cfg.out)
-    print(f"C: {n_params} parameters ({'diagonal' if es.opts['CMA_diagonal'] else 'full'} CMA-ES), "
+    # The start point (D's rule) is validated first, so the checkpoint always holds a playable agent, never zeros.
+    gen, best, best_score, env_steps, history_x, history_fit = (resume(es, ckpt, cfg.out) if ckpt else
+                                                                (0, es.mean.copy(), -1.0, 0, [], []))
+    print(f"C: {es.N} parameters ({'diagonal' if es.opts['CMA_diagonal'] else 'full'} CMA-ES), "
           f"population {cfg.popsize} x {cfg.levels} levels, {workers} workers")
     task = (cfg.distribution_mode, cfg.inputs, workers, cfg.max_steps)
-    pool = make_pool(workers, cfg.vae, cfg.mdnrnn, danger) if workers > 1 else None
-    if pool is None:
-        init_worker(cfg.vae, cfg.mdnrnn, danger)
+    pool = (make_pool(cfg.pool, workers, cfg.vae, cfg.mdnrnn, danger) if workers > 1 or cfg.pool == "ray"
+            else init_worker(cfg.vae, cfg.mdnrnn, danger))  # --workers 1: no pool (None), the rollouts run here
 
     def evaluate(X, levels):  # fitness() on the pool; a pool whose worker died is replaced once, the job replayed
         nonlocal pool
         for attempt in range(2):
             try:
                 return fitness(pool, X, levels, *task)
-            except BrokenProcessPool:
-                pool.shutdown(wait=False, cancel_futures=True)
+            except Exception as e:  # a dead worker: the executor's BrokenProcessPool, or Ray's actor errors
+                if type(e).__name__ not in ("BrokenProcessPool", "RayActorError", "ActorDiedError"):
+                    raise
+                pool.terminate() if hasattr(pool, "terminate") else pool.shutdown(wait=False, cancel_futures=True)
                 if attempt:
                     fail(f"fitness workers died twice in generation {gen + 1} (killed? out of memory?); "
                          f"{cfg.out} holds generation {gen}: run the same command with --resume to go on")
                 print(f"C: a fitness worker died in generation {gen + 1}; replaying it on fresh workers")
-                pool = make_pool(workers, cfg.vae, cfg.mdnrnn, danger)
+                pool = make_pool(cfg.pool, workers, cfg.vae, cfg.mdnrnn, danger)
 
     try:
+        if not ckpt:  # the start point is a candidate too: kept if no later candidate beats it on the same levels
+            (best_score,), env_steps = evaluate(best[None], val_levels)
+            print(f"C: the start point's mean return on the {cfg.eval_levels} validation levels: {best_score:.4g}")
         for gen in tqdm(range(gen, cfg.generations), desc="C (CMA-ES)", unit="gen", initial=gen,
                         total=cfg.generations, disable=None):  # disable=None: a bar on a terminal only
-            t0 = time.time()
-            levels = level_draw(cfg.seed, gen, cfg.levels)
+            t0, levels = time.time(), level_draw(cfg.seed, gen, cfg.levels)
             X, fit, steps = cma_generation(es, lambda X: evaluate(X, levels))
             history_x.append(X)
             history_fit.append(fit)
@@ -277,10 +278,9 @@ def train(cfg):
                 candidates = np.stack([es.mean, X[int(fit.argmax())]])
                 val, s = evaluate(candidates, val_levels)
                 env_steps += s
-                row.update(val_mean=val[0], val_gen_best=val[1], env_steps=env_steps)
                 if val.max() > best_score:
                     best, best_score = candidates[int(val.argmax())], val.max()
-                row["val_best_so_far"] = best_score
+                row.update(val_mean=val[0], val_gen_best=val[1], val_best_so_far=best_score, env_steps=env_steps)
             tqdm.write("C " + " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
             config = dataclasses.asdict(cfg)
             save_atomic(dict(params=torch.as_tensor(best, dtype=torch.float32), best_score=float(best_score),
@@ -290,9 +290,9 @@ def train(cfg):
                              id=identity(config, generation=gen + 1, **made_from)), cfg.out)
             with open(os.path.splitext(cfg.out)[0] + ".jsonl", "a") as f:
                 f.write(json.dumps({k: float(v) for k, v in row.items()}) + "\n")
-    finally:
+    finally:  # stop the workers now, queued work and all (Ray's pool: terminate)
         if pool:
-            pool.shutdown(wait=False, cancel_futures=True)
+            pool.terminate() if hasattr(pool, "terminate") else pool.shutdown(wait=False, cancel_futures=True)
     return best
 
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from collect import ACTIONS, NONE, UP, check_flags, cli, fail, interruptible, make_env
-from vae import ReLU, identity, load_checkpoint, resume_point, save_atomic
+from vae import ReLU, identity, load_checkpoint, pick_device, resume_point, save_atomic, start_training
 
 MOVE_PROBS = [0.1, 0.05, 0.15, 0.6, 0.1]  # LEFT, DOWN, NONE, UP, RIGHT: mostly UP, to reach the river
 
@@ -41,8 +41,10 @@ class DangerConfig:
     holdout: int = 10  # every holdout-th UP is kept out of training, for the test AUC
     seed: int = 0  # seeds the levels, the play and torch
     resume: bool = False  # continue from --out (the play is replayed, then training goes on)
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # where to train (auto: the GPU if torch sees one)
 
     def __post_init__(self):
+        pick_device(self.device)
         check_flags(self, at_least=dict(steps=1, num_envs=1, epochs=1, batch_size=1, holdout=0), above=dict(lr=0))
         if self.steps < self.num_envs:
             fail(f"--steps {self.steps}: expected at least --num-envs ({self.num_envs}), one step of every env")
@@ -60,7 +62,7 @@ class DangerNet(nn.Module):
         self.to(memory_format=torch.channels_last)  # NHWC conv weights: ~30% faster on CPU
 
     def forward(self, obs, last):
-        x = torch.cat([torch.as_tensor(obs), torch.as_tensor(last)], -1)  # (B,64,64,6)
+        x = torch.cat([torch.as_tensor(obs), torch.as_tensor(last)], -1).to(self.net[0].weight.device)  # (B,64,64,6)
         return self.net(x.permute(0, 3, 1, 2).float().div(255))[:, 0]  # (B,6,64,64) -> (B,)
 
 
@@ -117,12 +119,8 @@ def train(cfg):
     test = np.arange(len(y)) % cfg.holdout == cfg.holdout - 1 if cfg.holdout > 0 else np.zeros(len(y), bool)
     train_idx, test_idx = np.flatnonzero(~test), np.flatnonzero(test)
     print(f"D: {cfg.steps} env steps of hop-then-wait, {len(y)} UPs ({y.mean():.1%} deadly), {len(test_idx)} held out")
-    model, epoch = DangerNet(), 0
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    model, opt, epoch, _, dev = start_training(DangerNet(), cfg.lr, ckpt and dict(ckpt, step=0), cfg.device)
     if ckpt:
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        epoch = ckpt["epoch"]
         print(f"D: resumed {cfg.out} at epoch {epoch}")
     while epoch < cfg.epochs:
         t0, total = time.time(), 0.0
@@ -135,14 +133,14 @@ def train(cfg):
             x = X[b]  # (B,64,64,6)
             if cfg.mirror:  # a mirrored pair of frames is a real situation too: cars and logs just run the other way
                 x = np.where(rng.random(len(b))[:, None, None, None] < 0.5, x[:, :, ::-1], x)  # (B,64,64,6)
-            loss = F.binary_cross_entropy_with_logits(model(x[..., :3], x[..., 3:]), torch.from_numpy(y[b]))
+            loss = F.binary_cross_entropy_with_logits(model(x[..., :3], x[..., 3:]), torch.from_numpy(y[b]).to(dev))
             opt.zero_grad()
             loss.backward()
             opt.step()
             total += loss.item() * len(b)
         epoch += 1
         model.eval()
-        test_auc = auc(scores(model, X, test_idx).numpy(), y[test_idx]) if len(test_idx) else float("nan")
+        test_auc = auc(scores(model, X, test_idx).cpu().numpy(), y[test_idx]) if len(test_idx) else float("nan")
         row = dict(epoch=epoch, bce=total / len(perm), test_auc=test_auc, ups_per_s=len(perm) / (time.time() - t0))
         print("D " + " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
         config = dataclasses.asdict(cfg)
@@ -151,7 +149,7 @@ def train(cfg):
                          id=identity(config, epoch=epoch)), cfg.out)
         with open(os.path.splitext(cfg.out)[0] + ".jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
-    return model.eval()
+    return model.cpu().eval()
 
 
 def load_danger(path):

@@ -16,6 +16,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -42,9 +43,12 @@ class MDNConfig:
     holdout: int = 20  # every holdout-th episode is kept out of training, for the test numbers
     seed: int = 0  # seeds torch and the shuffling
     resume: bool = False  # continue from --out instead of refusing to overwrite it
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # where to train (auto: the GPU if torch sees one)
 
     def __post_init__(self):  # every flag is checked before anything is written: one error line
         from collect import check_flags  # the training config, not the model: it may borrow
+        from vae import pick_device
+        pick_device(self.device)
         check_flags(self, at_least=dict(hidden=1, gaussians=1, seq_len=1, batch_size=1, epochs=1, holdout=0),
                     above=dict(lr=0, grad_clip=0))
 
@@ -113,6 +117,29 @@ def sample_next(logit_pi, mu, log_sigma, win_logit, done_logit, tau=1.0):
     pick = lambda t: t.gather(-1, k.unsqueeze(-1)).squeeze(-1)  # (B,Z)
     z = pick(mu) + pick(log_sigma).exp() * math.sqrt(tau) * torch.randn_like(pick(mu))
     return z, torch.bernoulli(torch.sigmoid(win_logit[:, 0])), torch.bernoulli(torch.sigmoid(done_logit[:, 0]))
+
+
+@torch.no_grad()
+def dream(model, policy, z, tau=1.0, max_steps=500):
+    """M's dream as an environment (Ha & Schmidhuber, section 4), for a batch of N episodes at once: from V's z
+    of real first frames (N,Z), policy(z (n,Z), h (n,H), idx (n,)) -> action indices (n,) plays the episodes
+    still going (idx: which); M samples each next z, a win and a done at temperature tau. An episode ends at a
+    sampled done or win, or at max_steps (leaper's cap: 500). Only LSTM and head steps: no convolution.
+    -> returns (N,) (10 per win, as leaper pays), lengths (N,)."""
+    n, z = len(z), z.clone()
+    h, c = torch.zeros(2, 1, n, model.hidden).unbind()  # M's memory, each (1,N,H)
+    ret, length, alive = torch.zeros(n), torch.zeros(n, dtype=torch.long), torch.ones(n, dtype=torch.bool)
+    for _ in range(max_steps):
+        idx = alive.nonzero()[:, 0]  # (n,) the episodes still going
+        a = policy(z[idx], h[0, idx], idx)  # (n,) action indices
+        mix, win_logit, done_logit, (h[:, idx], c[:, idx]) = model.step(z[idx], a, (h[:, idx], c[:, idx]))
+        z[idx], win, done = sample_next(*mix, win_logit, done_logit, tau)  # (n,Z), (n,), (n,)
+        ret[idx] += 10 * win
+        length[idx] += 1
+        alive[idx] = (win == 0) & (done == 0)
+        if not alive.any():
+            break
+    return ret, length
 
 
 def read_latents(path, keys, optional=False):
@@ -219,7 +246,7 @@ def train(cfg):
     train_set = {k: t[~held] for k, t in data.items()}
     test_set = {k: t[held] for k, t in data.items()} if held.any() else train_set
     z_dim, n_train = data["mu"].shape[-1], len(train_set["action"])
-    model, opt, epoch, step, dev = start_training(MDNRNN(z_dim, cfg.hidden, cfg.gaussians), cfg.lr, ckpt)
+    model, opt, epoch, step, dev = start_training(MDNRNN(z_dim, cfg.hidden, cfg.gaussians), cfg.lr, ckpt, cfg.device)
     print(f"M: {sum(p.numel() for p in model.parameters()):,} parameters, {n_train} training "
           f"sequences, {int(held.sum())} held-out; before training: {test_metrics(model, test_set)}")
     log = os.path.splitext(cfg.out)[0] + ".jsonl"

@@ -230,6 +230,71 @@ def test_vae_resume_continues_training(tmp_path):
 
 # ---------------------------------------------------------------- mdnrnn.py
 
+def m_with_heads(win_p, done_p, z_dim=4, hidden=8):
+    """A tiny M whose win and done heads give fixed probabilities (their weights zeroed, biases set)."""
+    m = mdnrnn.MDNRNN(z_dim, hidden, 2).eval()
+    with torch.no_grad():
+        m.head.weight[-2:] = 0
+        m.head.bias[-2:] = torch.tensor([win_p, done_p]).logit()
+    return m
+
+
+def test_dream_shapes_probabilities_and_cap():
+    torch.manual_seed(0)
+    up = lambda z, h, idx: torch.full((len(z),), collect.UP)  # noqa: E731 -- a policy: always UP
+    ret, length = mdnrnn.dream(m_with_heads(1e-9, 1e-9), up, torch.zeros(5, 4), max_steps=500)
+    assert ret.shape == (5,) and length.tolist() == [500] * 5 and ret.sum() == 0  # the game's cap ends them
+    ret, length = mdnrnn.dream(m_with_heads(1 - 1e-6, 1e-9), up, torch.zeros(5, 4))
+    assert ret.tolist() == [10.0] * 5 and length.tolist() == [1] * 5  # a sampled win pays 10 and ends it
+    ret, length = mdnrnn.dream(m_with_heads(1e-9, 0.1), up, torch.zeros(4000, 4), max_steps=500)
+    assert abs(length.float().mean().item() - 10) < 0.6 and ret.sum() == 0  # done ~ Bernoulli(0.1): mean 10
+
+
+def test_dream_at_tau_near_zero_is_deterministic():
+    """Same seed, same dream; tau -> 0: M's mixture collapses to its likeliest component's mean, so the dream
+    no longer depends on the seed."""
+    m = m_with_heads(1e-9, 1e-9)
+    def path(seed, tau):
+        torch.manual_seed(seed)
+        seen = []
+        mdnrnn.dream(m, lambda z, h, idx: seen.append(z.clone()) or torch.zeros(len(z), dtype=torch.long),
+                     torch.randn(3, 4, generator=torch.Generator().manual_seed(9)), tau=tau, max_steps=20)
+        return torch.stack(seen)  # (20,3,4)
+    assert torch.equal(path(0, 1e-8), path(0, 1e-8)) and torch.equal(path(0, 1.0), path(0, 1.0))  # same seed
+    assert torch.allclose(path(0, 1e-8), path(1, 1e-8), atol=1e-3)  # noise scaled by sqrt(tau): ~1e-4 of sigma
+    assert not torch.allclose(path(0, 1.0), path(1, 1.0), atol=0.1)
+
+
+def test_c_trained_in_a_dream_raises_its_dream_return():
+    """A tiny M learns that UP wins (synthetic data); CMA-ES on C's weights with the dream as its only
+    environment (ask -> dream -> tell) finds it: the dream return rises from 0 to near 10."""
+    torch.manual_seed(0)
+    m = mdnrnn.MDNRNN(4, 8, 2)
+    opt = torch.optim.Adam(m.parameters(), lr=1e-2)
+    for _ in range(300):
+        action = torch.randint(0, 5, (64, 8))
+        win = (action == collect.UP).float()
+        batch = dict(mu=torch.randn(64, 9, 4), logvar=torch.full((64, 9, 4), -4.0), action=action, win=win,
+                     done=torch.zeros(64, 8), step_mask=torch.ones(64, 8), next_mask=torch.ones(64, 8))
+        nll, win_bce, done_bce, _ = mdnrnn.m_losses(m, batch)
+        opt.zero_grad()
+        (nll + win_bce + done_bce).backward()
+        opt.step()
+    m.eval()
+    z0 = torch.randn(16, 4)
+
+    def dream_return(X):  # (P,n) candidates -> their mean dream return over the 16 starts
+        W = torch.as_tensor(X, dtype=torch.float32).view(len(X), 5, -1).repeat_interleave(len(z0), 0)  # (P*16,5,13)
+        policy = lambda z, h, idx: controller.choose(W[idx], controller.features(z, h, "zh"))  # noqa: E731
+        ret, _ = mdnrnn.dream(m, policy, z0.repeat(len(X), 1), max_steps=5)
+        return ret.view(len(X), -1).mean(1).numpy(), None
+    es = cma.CMAEvolutionStrategy(np.zeros(5 * 13), 0.5, dict(popsize=8, seed=1, verbose=-9))
+    start = dream_return(es.mean[None])[0][0]
+    for _ in range(15):
+        controller.cma_generation(es, dream_return)
+    assert start < 3 and dream_return(es.mean[None])[0][0] > 8  # from always-LEFT (ties: argmax 0) to UP
+
+
 def test_mdn_nll_matches_torch_distributions():
     B, T, Z, K = 3, 4, 5, 6
     logit_pi, mu, log_sigma, target = torch.randn(B, T, Z, K), torch.randn(B, T, Z, K), torch.randn(B, T, Z, K) * 0.5, torch.randn(B, T, Z)
@@ -362,9 +427,72 @@ def test_pool_equals_serial(tiny_run):
     controller.init_worker(v, m)
     serial, s1 = controller.fitness(None, X, levels, "easy", "zh", workers=2)
     torch.set_num_threads(2)
-    with controller.make_pool(2, v, m) as pool:
+    with controller.make_pool("process", 2, v, m) as pool:
         pooled, s2 = controller.fitness(pool, X, levels, "easy", "zh", workers=2)
     assert np.array_equal(serial, pooled) and s1 == s2
+
+
+def test_ray_pool_equals_serial(tiny_run):
+    """--pool ray: Ray's multiprocessing Pool (a local instance here) gives the serial fitness exactly."""
+    ray = pytest.importorskip("ray")
+    v, m = str(tiny_run / "vae.pt"), str(tiny_run / "mdnrnn.pt")
+    X = np.random.default_rng(0).normal(0, 0.5, (3, 5 * (n_features("zh") + 1)))
+    levels = controller.level_draw(2, 0, 4)
+    controller.init_worker(v, m)
+    serial, s1 = controller.fitness(None, X, levels, "easy", "zh", workers=2)
+    pool = controller.make_pool("ray", 2, v, m)
+    try:
+        pooled, s2 = controller.fitness(pool, X, levels, "easy", "zh", workers=2)
+    finally:
+        pool.terminate()
+        ray.shutdown()
+    assert np.array_equal(serial, pooled) and s1 == s2
+
+
+def test_ray_pool_without_ray_is_one_line(monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray.util.multiprocessing", None)  # an import of it now fails
+    with pytest.raises(SystemExit) as e:
+        controller.make_pool("ray", 2, "v.pt", "m.pt")
+    assert str(e.value) == "error: --pool ray needs Ray, which is not installed: pip install ray"
+
+
+def test_start_point_is_a_candidate(tiny_run, tmp_path, monkeypatch):
+    """C's start point is validated like any candidate and kept when no candidate beats it (here a fake fitness
+    ranks every point by its distance to the start, so nothing can)."""
+    start = controller.start_point(5 * (n_features("zh") + 1), "zh").ravel()
+
+    def fake_fitness(pool, X, levels, *task):
+        return -np.abs(X - start).sum(1), len(levels)
+    monkeypatch.setattr(controller, "fitness", fake_fitness)
+    out = tmp_path / "c.pt"
+    controller.train(CConfig(vae=str(tiny_run / "vae.pt"), mdnrnn=str(tiny_run / "mdnrnn.pt"), out=str(out),
+                             inputs="zh", generations=2, popsize=4, levels=2, eval_every=1, eval_levels=3, workers=1))
+    ckpt = torch.load(out, weights_only=True)
+    assert np.array_equal(ckpt["params"].numpy(), start) and ckpt["best_score"] == 0.0
+    assert ckpt["env_steps"] == 3 + 2 * (2 + 3)  # the start's validation (3 levels) counts, then 2 x (2 + 3)
+
+
+def test_frames_come_back_from_the_store(tmp_path):
+    """V's frames live in a file, read back by index: the same frames and masks as the episodes, in order."""
+    collect_quiet(tmp_path / "data", episodes=6)
+    obs = np.concatenate([collect.load_episode(p)["obs"] for p in collect.list_episodes(str(tmp_path / "data"))])
+    with open(tmp_path / "store", "w+b") as store:
+        rows, held, fg = collect.load_frames(str(tmp_path / "data"), 3, 24, store)
+        assert os.path.getsize(tmp_path / "store") == len(obs) * collect.ROW == len(held) * collect.ROW
+        idx = np.random.default_rng(0).permutation(len(obs))[:50]
+        frames, masks = rows(idx)
+    assert np.array_equal(frames, obs[idx]) and masks.shape == (50, 64, 64) and set(np.unique(masks)) <= {0, 1}
+    assert 0 < fg < 0.5 and 0 < held.mean() < 0.6  # every 3rd episode held out
+
+
+def test_device_flag(tmp_path):
+    for argv in (["--device", "gpu"], ["--device", "cuda"] if not torch.cuda.is_available() else None):
+        if argv:
+            r = subprocess.run([sys.executable, "vae.py", *argv, "--out", str(tmp_path / "v.pt")], cwd=HERE,
+                               capture_output=True, text=True, timeout=120)
+            assert r.returncode != 0 and "--device" in r.stderr.strip().splitlines()[-1] and "Traceback" not in r.stderr
+            assert not os.listdir(tmp_path)
+    assert vae.pick_device("cpu") == "cpu" and vae.pick_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def test_cma_loop_improves_a_toy_objective():
@@ -818,12 +946,13 @@ def test_stages_refuse_other_flags_and_changed_inputs(tiny_run, tmp_path):
                              (controller.train, CConfig(**{**c, "popsize": 6}), "--popsize 6")):
         with pytest.raises(SystemExit) as e:
             train(cfg)
-        assert str(e.value).startswith(f"error: {flag} conflicts with {r}") and "\n" not in str(e.value)
+        assert str(e.value).startswith(f"error: {r}") and f"other flags or inputs: {flag} (it has" in str(e.value)
+        assert "\n" not in str(e.value)
     vae.train(VAEConfig(**v, epochs=2))  # V goes on (more epochs are allowed): M and C were made from the old V
     for train, cfg in ((mdnrnn.train, MDNConfig(**m, epochs=1)), (controller.train, CConfig(**c, generations=1))):
         with pytest.raises(SystemExit) as e:
             train(cfg)
-        assert "was made from other inputs (vae changed since)" in str(e.value)
+        assert "other flags or inputs: vae (changed since)" in str(e.value)
     with pytest.raises(SystemExit) as e:  # a new M, but the latents on disk come from the old V
         mdnrnn.train(MDNConfig(**{**m, "out": str(r / "m2.pt"), "latents": str(r / "latents")}))
     assert "encoded by another V" in str(e.value)
@@ -894,7 +1023,8 @@ def tiny_pipeline(out, seed):
                              out=str(out / "controller.pt"), popsize=4, levels=2, eval_every=1, eval_levels=2,
                              workers=1, seed=seed))
     ckpts = {n: torch.load(out / f"{n}.pt", weights_only=True) for n in ("vae", "mdnrnn", "danger", "controller")}
-    tensors = {f"{n}.{k}": t for n, c in ckpts.items() for k, t in c.get("model", {"params": c.get("params")}).items()}
+    tensors = {f"{n}.{k}": t for n, c in ckpts.items() for k, t in c.get("model", {k: c[k] for k in ("params", "cma_x")
+                                                                                    if k in c}).items()}
     data = b"".join((out / "data" / f).read_bytes() for f in sorted(os.listdir(out / "data")) if f.endswith(".npz"))
     return tensors, data
 
@@ -904,7 +1034,8 @@ def test_same_seed_same_result_bit_for_bit(tmp_path, one_torch_thread):
     b, data_b = tiny_pipeline(tmp_path / "b", seed=0)
     c, data_c = tiny_pipeline(tmp_path / "c", seed=1)
     assert data_a == data_b and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert data_a != data_c and not any(torch.equal(a[k], c[k]) for k in ("vae.fc.weight", "controller.params"))
+    # (C's kept params may be its start point in both: CMA-ES's candidates differ)
+    assert data_a != data_c and not any(torch.equal(a[k], c[k]) for k in ("vae.fc.weight", "controller.cma_x"))
 
 
 @pytest.fixture

@@ -19,7 +19,6 @@ import time
 from dataclasses import dataclass
 from typing import Literal
 
-import torch
 
 import collect
 import controller
@@ -52,12 +51,13 @@ class TrainConfig:
     levels: int = 16  # episodes per candidate per generation (common levels)
     max_steps: int = 250  # fitness episodes stop here (the held-out test plays the game's full 500)
     sigma0: float = 0.5  # CMA-ES initial step size
-    up_bias: float = 0.0  # CMA-ES starts at "always UP" with this bias on UP (0: starts at zero)
     danger_prior: float = 1.0  # CMA-ES starts at "UP iff D's logit < 0, else no-op" (0: starts at zero)
     inputs: Literal["z", "zh", "zhd"] = "zhd"  # what C reads: z, [z, h] (Ha's), [z, h] and D's logit (needs D)
     eval_every: int = 5  # generations between re-tests of the CMA mean and best
     eval_levels: int = 64  # levels of those re-tests
     workers: int = 0  # rollout processes (0 = one per core)
+    pool: Literal["process", "ray"] = "process"  # where C's rollouts run: local processes or Ray (a cluster)
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # where V, M and D train (auto: the GPU if torch sees one)
     eval_episodes: int = 1000  # held-out episodes of the final summary (0 = skip it)
     export: str = ""  # after training, copy the agent's weights (float16, no optimizer) to this new dir
 
@@ -66,6 +66,7 @@ class TrainConfig:
             episodes=1, z_dim=1, vae_epochs=1, hidden=1, gaussians=1, mdn_epochs=1, danger_steps=0, danger_epochs=1,
             generations=1, popsize=2, levels=1, max_steps=1, eval_every=1, eval_levels=1, workers=0, eval_episodes=0,
             up_prob=0), above=dict(sigma0=0))
+        vae.pick_device(self.device)
         if self.spatial and self.z_dim % 64:
             collect.fail(f"--z-dim {self.z_dim}: a spatial V needs a multiple of 64, or --spatial false")
         if ("d" in self.inputs) != (self.danger_steps > 0):
@@ -82,7 +83,7 @@ PRESETS = {
 }
 
 
-RUN_FLAGS = ("out", "generations", "workers", "eval_episodes", "export")  # may change when a run dir is continued
+RUN_FLAGS = ("out", "generations", "workers", "pool", "device", "eval_episodes", "export")  # may change when a run dir is continued
 
 
 def parse_args(argv=None):
@@ -122,8 +123,8 @@ def run(cfg):
             collect.check_same_flags(dataclasses.asdict(cfg), json.load(f), path("train_config.json"), free=RUN_FLAGS)
     with open(path("train_config.json"), "w") as f:
         json.dump(dataclasses.asdict(cfg), f, indent=1)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    print(f"run dir {cfg.out}, preset {cfg.preset}, {cfg.distribution_mode} mode, V and M on {device}")
+    print(f"run dir {cfg.out}, preset {cfg.preset}, {cfg.distribution_mode} mode, V, M and D on "
+          f"{vae.pick_device(cfg.device)}, C's rollouts on {cfg.pool}")
 
     print("== 1/5 collect random rollouts")
     c = collect.collect(collect.CollectConfig(out=path("data"), episodes=cfg.episodes, seed=cfg.seed,
@@ -136,22 +137,25 @@ def run(cfg):
             c = json.load(f)
     print("== 2/5 train V")
     vae.train(vae.VAEConfig(data=path("data"), out=path("vae.pt"), z_dim=cfg.z_dim, spatial=cfg.spatial, epochs=cfg.vae_epochs,
-                            fg_weight=cfg.fg_weight, kl_tolerance=cfg.kl_tolerance, seed=cfg.seed, resume=True))
+                            fg_weight=cfg.fg_weight, kl_tolerance=cfg.kl_tolerance, seed=cfg.seed, resume=True,
+                            device=cfg.device))
     print("== 3/5 encode and train M")
     mdnrnn.train(mdnrnn.MDNConfig(data=path("data"), vae=path("vae.pt"), out=path("mdnrnn.pt"), hidden=cfg.hidden,
-                                  gaussians=cfg.gaussians, epochs=cfg.mdn_epochs, seed=cfg.seed, resume=True))
+                                  gaussians=cfg.gaussians, epochs=cfg.mdn_epochs, seed=cfg.seed, resume=True,
+                                  device=cfg.device))
     print("== 4/5 train D on hop-then-wait play" if cfg.danger_steps else "== 4/5 no D (--danger-steps 0)")
     if cfg.danger_steps:
         danger.train(danger.DangerConfig(out=path("danger.pt"), distribution_mode=cfg.distribution_mode,
-                                         steps=cfg.danger_steps, epochs=cfg.danger_epochs, seed=cfg.seed, resume=True))
+                                         steps=cfg.danger_steps, epochs=cfg.danger_epochs, seed=cfg.seed, resume=True,
+                                         device=cfg.device))
     d_steps = vae.load_checkpoint(path("danger.pt"))["env_steps"] if cfg.danger_steps else 0
     print("== 5/5 evolve C")
     ccfg = controller.CConfig(vae=path("vae.pt"), mdnrnn=path("mdnrnn.pt"), out=path("controller.pt"),
                               danger=path("danger.pt"),
                               distribution_mode=cfg.distribution_mode, generations=cfg.generations,
                               popsize=cfg.popsize, levels=cfg.levels, max_steps=cfg.max_steps, sigma0=cfg.sigma0,
-                              up_bias=cfg.up_bias, danger_prior=cfg.danger_prior, inputs=cfg.inputs,
-                              eval_every=cfg.eval_every, eval_levels=cfg.eval_levels, workers=cfg.workers,
+                              danger_prior=cfg.danger_prior, inputs=cfg.inputs,
+                              eval_every=cfg.eval_every, eval_levels=cfg.eval_levels, workers=cfg.workers, pool=cfg.pool,
                               seed=cfg.seed, resume=True)
     controller.train(ccfg)
     c_steps = vae.load_checkpoint(path("controller.pt"))["env_steps"]

@@ -1,8 +1,7 @@
-"""V: the convolutional variational autoencoder of World Models (Ha & Schmidhuber 2018, section 2.1
-and appendix A.1) that squeezes each 64x64 leaper frame into a small latent z. Self-contained on
-purpose: the model, its loss and its training import nothing of ours (only the command line borrows
-collect.py's), so this file alone trains a ConvVAE on any directory of .npz files with an `obs` array
-of uint8 (T,64,64,3) frames. Its defaults are the pipeline's: a spatial z of 128, 4 epochs.
+"""V: the convolutional variational autoencoder of World Models (Ha & Schmidhuber 2018, section 2.1 and appendix
+A.1) that squeezes each 64x64 leaper frame into a small latent z. The model, its loss, encoder and checkpoints need
+only torch: copy this file alone for them. Training reads the episodes through collect.py (their format is its),
+as the command line does. Its defaults are the pipeline's: a spatial z of 128, 4 epochs.
 
     python vae.py --data runs/data --out runs/vae.pt
     python vae.py --data runs/data --out runs/vae_flat.pt --z-dim 32 --spatial false   # Ha's flat z
@@ -13,10 +12,12 @@ import io
 import json
 import os
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Literal
 
 import imageio.v2 as imageio
 import numpy as np
@@ -44,8 +45,10 @@ class VAEConfig:
     holdout: int = 20  # every holdout-th episode is kept out of training, for the test error
     seed: int = 0  # seeds torch and the shuffling
     resume: bool = False  # continue from --out instead of refusing to overwrite it
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # where to train (auto: the GPU if torch sees one)
 
     def __post_init__(self):  # every flag is checked before anything is written: one error line
+        pick_device(self.device)
         if min(self.z_dim, self.epochs, self.batch_size, self.fg_threshold) < 1 or not self.lr > 0 or self.holdout == 1:
             sys.exit("error: --z-dim, --epochs, --batch-size, --fg-threshold must be >= 1, --lr > 0, --holdout not 1")
         if self.spatial and self.z_dim % 64:
@@ -115,30 +118,6 @@ def vae_loss(x, recon, mu, logvar, weight, beta, kl_tolerance):
     return rec + beta * kl.clamp(min=kl_tolerance * mu.shape[1]), rec, kl
 
 
-def load_frames(data_dir, holdout, fg_threshold):
-    """All frames of a data dir as uint8 (N,64,64,3), a foreground mask uint8 (N,64,64) and a
-    held-out flag per frame. Foreground = differs from the per-episode median frame, i.e. what
-    moves: the background is static within a level, the frog, cars and logs are not."""
-    files = sorted(f for f in os.listdir(data_dir) if f.endswith(".npz")) if os.path.isdir(data_dir) else []
-    if not files:
-        sys.exit(f"error: --data {data_dir}: no .npz episode files there (make them with collect.py)")
-    frames, masks, held = [], [], []
-    for k, name in enumerate(tqdm(files, desc="load frames", unit="ep", disable=None)):
-        path = os.path.join(data_dir, name)
-        try:
-            with np.load(path) as d:
-                obs = d["obs"]
-        except Exception as e:  # OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile...
-            sys.exit(f"error: {path}: not a readable .npz with an `obs` array: {e}")
-        if obs.ndim != 4 or obs.shape[1:] != (64, 64, 3) or obs.dtype != np.uint8:
-            sys.exit(f"error: {path}: obs is {obs.dtype}{obs.shape}, expected uint8 (T,64,64,3)")
-        background = np.median(obs, axis=0).astype(np.int16)  # (64,64,3)
-        masks.append((np.abs(obs - background).max(axis=3) > fg_threshold).astype(np.uint8))  # (T,64,64)
-        frames.append(obs)
-        held.append(np.full(len(obs), holdout > 0 and k % holdout == holdout - 1))
-    return np.concatenate(frames), np.concatenate(masks), np.concatenate(held)
-
-
 @torch.no_grad()
 def encode(model, frames, batch_size=1024):
     """uint8 frames (N,64,64,3) -> mu, logvar as float32 numpy (N,z_dim), batched, no grad."""
@@ -178,7 +157,7 @@ def load_vae(path):
     return model.eval().to(memory_format=torch.channels_last)  # ~30% faster encoding on CPU; equal up to float rounding
 
 
-PATH_FLAGS = ("data", "out", "latents", "vae", "mdnrnn", "danger", "resume", "workers")  # where, not what
+PATH_FLAGS = ("data", "out", "latents", "vae", "mdnrnn", "danger", "resume", "workers", "pool", "device")  # not what
 
 
 def identity(config, **made_from):
@@ -195,13 +174,13 @@ def resume_point(cfg, length="epochs", made_from=None):
     if not cfg.resume:
         sys.exit(f"error: --out {cfg.out} exists; pass --resume to continue it, or choose another path")
     ckpt = load_checkpoint(cfg.out)
-    for name, value in dataclasses.asdict(cfg).items():
-        if name not in PATH_FLAGS + (length,) and ckpt["config"].get(name, value) != value:
-            sys.exit(f"error: --{name.replace('_', '-')} {value} conflicts with {cfg.out}, made with "
-                     f"{ckpt['config'][name]}: use another --out (or the flags it was made with)")
-    changed = [k for k, v in (made_from or {}).items() if ckpt.get("made_from", made_from).get(k) != v]
-    if changed:
-        sys.exit(f"error: {cfg.out} was made from other inputs ({', '.join(changed)} changed since): use another --out")
+    flags = [f"--{k.replace('_', '-')} {v} (it has {ckpt['config'][k]})" for k, v in dataclasses.asdict(cfg).items()
+             if k not in PATH_FLAGS + (length,) and ckpt["config"].get(k, v) != v]
+    made_before = ckpt.get("made_from", made_from)
+    inputs = [f"{k} (changed since)" for k, v in (made_from or {}).items() if made_before.get(k) != v]
+    if flags or inputs:
+        sys.exit(f"error: {cfg.out} was made with other flags or inputs: {', '.join(flags + inputs)}; "
+                 "use another --out")
     return ckpt
 
 
@@ -212,21 +191,28 @@ def save_atomic(obj, path):
 
 
 @torch.no_grad()
-def evaluate(model, frames, masks, batch_size=512):
-    """Mean summed squared error per frame over all pixels and over foreground pixels only."""
+def evaluate(model, rows, idx, batch_size=512):
+    """Mean summed squared error per frame over all pixels and over foreground pixels only, on frames idx."""
     err = fg = 0.0
-    for i in range(0, len(frames), batch_size):
-        x = to_input(frames[i:i + batch_size]).to(next(model.parameters()).device)
+    for i in range(0, len(idx), batch_size):
+        frames, masks = rows(idx[i:i + batch_size])
+        x = to_input(frames).to(next(model.parameters()).device)
         se = (model.decode(model.encode(x)[0]) - x).pow(2).sum(1).cpu()  # (B,64,64)
         err += se.sum().item()
-        fg += (se * torch.as_tensor(masks[i:i + batch_size])).sum().item()
-    return err / max(len(frames), 1), fg / max(len(frames), 1)
+        fg += (se * torch.as_tensor(masks)).sum().item()
+    return err / max(len(idx), 1), fg / max(len(idx), 1)
 
 
-def start_training(model, lr, ckpt=None):
-    """Adam on the GPU when there is one; from ckpt (resume_point's), the weights, optimizer and position.
-    Returns (model, optimizer, epoch, step, device)."""
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
+def pick_device(name):
+    """--device: auto -> "cuda" if torch sees a GPU, else "cpu"; cuda without one -> one error line."""
+    if name == "cuda" and not torch.cuda.is_available():
+        sys.exit("error: --device cuda: torch sees no CUDA device here (use --device auto or cpu)")
+    return name if name != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def start_training(model, lr, ckpt=None, device="auto"):
+    """Adam on --device; from ckpt (resume_point's): weights, optimizer, position. -> (model, opt, epoch, step, dev)."""
+    dev = pick_device(device)
     model = model.to(dev, memory_format=torch.channels_last)  # NHWC conv weights: ~20% faster on CPU; LSTMs unaffected
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     if ckpt:
@@ -249,15 +235,17 @@ def train(cfg):
         print(f"V: {cfg.out} already has {cfg.epochs} epochs, skipping")
         return load_vae(cfg.out)
     torch.manual_seed(cfg.seed)  # seeding, in one place: weights, sampling and (below) shuffling
-    frames, masks, held = load_frames(cfg.data, cfg.holdout, cfg.fg_threshold)
+    os.makedirs(out_dir := os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
+    from collect import load_frames  # the episode format is collect.py's
+    store = tempfile.TemporaryFile(dir=out_dir)  # the frames, on disk (see load_frames); deleted when closed
+    rows, held, fg = load_frames(cfg.data, cfg.holdout, cfg.fg_threshold, store)
     train_idx, test_idx = np.flatnonzero(~held), np.flatnonzero(held)
-    model, opt, epoch, step, dev = start_training(ConvVAE(cfg.z_dim, cfg.spatial), cfg.lr, ckpt)
-    os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
+    model, opt, epoch, step, dev = start_training(ConvVAE(cfg.z_dim, cfg.spatial), cfg.lr, ckpt, cfg.device)
     base = os.path.splitext(cfg.out)[0]
     pool = test_idx if len(test_idx) >= 8 else train_idx
-    show = frames[pool[np.linspace(0, len(pool) - 1, 8).astype(int)]]  # 8 fixed frames for the PNG
+    show = rows(pool[np.linspace(0, len(pool) - 1, 8).astype(int)])[0]  # 8 fixed frames for the PNG
     print(f"V: {sum(p.numel() for p in model.parameters()):,} parameters, {len(train_idx)} training frames, "
-          f"{len(test_idx)} held-out, foreground {masks.mean():.1%} of pixels")
+          f"{len(test_idx)} held-out, foreground {fg:.1%} of pixels")
     while epoch < cfg.epochs:
         model.train()
         t0, tot = time.time(), np.zeros(3)
@@ -265,9 +253,9 @@ def train(cfg):
         perm = np.random.default_rng([cfg.seed, epoch]).permutation(train_idx)
         for i in tqdm(range(0, len(perm), cfg.batch_size), desc=f"V epoch {epoch + 1}/{cfg.epochs}", unit="batch",
                       disable=None):  # disable=None: a bar on a terminal, none in a log file
-            idx = perm[i:i + cfg.batch_size]
-            x = to_input(frames[idx]).to(dev)  # (B,3,64,64)
-            weight = 1 + cfg.fg_weight * torch.from_numpy(masks[idx]).unsqueeze(1).float().to(dev)  # (B,1,64,64)
+            frames, masks = rows(perm[i:i + cfg.batch_size])
+            x = to_input(frames).to(dev)  # (B,3,64,64)
+            weight = 1 + cfg.fg_weight * torch.from_numpy(masks).unsqueeze(1).float().to(dev)  # (B,1,64,64)
             beta = cfg.beta * min(1.0, step / max(cfg.beta_warmup, 1))
             recon, mu, logvar = model(x)
             loss, rec, kl = vae_loss(x, recon, mu, logvar, weight, beta, cfg.kl_tolerance)
@@ -278,10 +266,10 @@ def train(cfg):
             loss.backward()
             opt.step()
             step += 1
-            tot += np.array([loss.item(), rec.item(), kl.item()]) * len(idx)
+            tot += np.array([loss.item(), rec.item(), kl.item()]) * len(x)
         epoch += 1
         model.eval()
-        test_err, test_fg = evaluate(model, frames[test_idx], masks[test_idx])
+        test_err, test_fg = evaluate(model, rows, test_idx)
         row = dict(epoch=epoch, step=step, loss=tot[0] / len(perm), recon=tot[1] / len(perm), kl=tot[2] / len(perm),
                    beta=beta, test_sq_err=test_err, test_fg_sq_err=test_fg, frames_per_s=len(perm) / (time.time() - t0))
         print("V " + " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
@@ -291,6 +279,7 @@ def train(cfg):
         with open(base + ".jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
         imageio.imwrite(base + ".png", reconstruction_grid(model, show))
+    store.close()
     return model.cpu()
 
 
