@@ -1,11 +1,11 @@
 """C: the controller of World Models (Ha & Schmidhuber 2018, section 2.3), one linear layer + sigmoid on [z_t, h_t]
--> 5 action scores, trained by CMA-ES (`cma`) on the real game. With --inputs zhd (the default) it also reads D's
-logit of "this UP is deadly" (danger.py) and starts at the controller D implies: UP iff that logit < 0, else no-op.
-Fitness rollouts are batched (each level's env holds a copy per candidate; V, D, M run once per step on all envs)
-and the levels are split over a pool of processes (or Ray's, over a cluster).
+-> 5 action scores, trained by CMA-ES (`cma`) on the real game or in M's dream (section 4). With --inputs zhd (the
+default) it also reads D's logit of "this UP is deadly" (danger.py) and starts at the controller D implies. Real
+rollouts are batched (a level's env holds a copy per candidate) and split over processes (or Ray's, on a cluster).
 
     python controller.py                          # runs/vae.pt, mdnrnn.pt, danger.pt -> runs/controller.pt
     python controller.py --inputs zh --out runs/controller_zh.pt     # Ha's C on [z, h], without D
+    python controller.py --inputs zh --controller-env dream --out runs/controller_dream.pt   # C learns in M's dream
 """
 import dataclasses
 import io
@@ -23,9 +23,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from collect import ACTIONS, MAX_STEPS, NONE, UP, check_flags, cli, fail, interruptible, make_env
-from danger import load_danger
-from mdnrnn import load_mdnrnn
+from collect import ACTIONS, MAX_STEPS, NONE, check_flags, cli, fail, interruptible, make_env
+from danger import load_danger, start_point
+from mdnrnn import dream, load_mdnrnn
 from vae import identity, load_checkpoint, load_vae, resume_point, save_atomic, to_input
 
 
@@ -44,6 +44,9 @@ class CConfig:
     sigma0: float = 0.5  # initial CMA-ES step size
     danger_prior: float = 1.0  # with d: start at "UP iff D's logit < 0, else no-op" (0: start at zero)
     diagonal: int = 1000  # above this many parameters use the diagonal (sep-)CMA, O(n) per step
+    controller_env: Literal["real", "dream"] = "real"  # where candidates are scored: the game, or M's dream (Ha 4)
+    temperature: float = 1.15  # the dream's tau: M samples at this temperature (Ha: 1.15 for Doom)
+    dream_episodes: int = 256  # dream episodes per candidate per generation, from new levels' first frames
     eval_every: int = 5  # every this many generations, re-test the CMA mean and the generation's best
     eval_levels: int = 64  # ... on this many fixed validation levels; the better one is kept as "best"
     workers: int = 0  # processes for the fitness rollouts (0 = one per CPU core)
@@ -53,12 +56,13 @@ class CConfig:
 
     def __post_init__(self):
         check_flags(self, at_least=dict(generations=1, popsize=2, levels=1, max_steps=1, eval_every=1, eval_levels=1,
-                                        workers=0), above=dict(sigma0=0))
+                                        workers=0, dream_episodes=1), above=dict(sigma0=0, temperature=0))
+        if self.controller_env == "dream" and "d" in self.inputs:
+            fail(f"--controller-env dream with --inputs {self.inputs}: D reads frames and a dream has none (z or zh)")
 
 
 def input_sizes(inputs, z_dim, hidden):
-    """{input group: its size} in C's input order, e.g. {"z": 128, "h": 256, "d": 1}."""
-    return {k: dict(z=z_dim, h=hidden, d=1)[k] for k in inputs}
+    return {k: dict(z=z_dim, h=hidden, d=1)[k] for k in inputs}  # in C's input order, e.g. {"z": 128, "h": 256, "d": 1}
 
 
 def features(z, h, inputs, danger=None):
@@ -82,9 +86,8 @@ class Agent:
         self.vae, self.mdn, self.weights, self.inputs = vae, mdn, weights.float(), inputs
         self.danger, self.distribution_mode, self.state, self.last = danger, distribution_mode, None, None
 
-    def reset(self, num_envs):
-        self.state = torch.zeros(2, 1, num_envs, self.mdn.hidden).unbind()  # M's memory (h, c), each (1,N,H)
-        self.last = None  # the previous frame, for D
+    def reset(self, num_envs):  # M's memory (h, c), each (1,N,H), and (for D) the previous frame
+        self.state, self.last = torch.zeros(2, 1, num_envs, self.mdn.hidden).unbind(), None
 
     @torch.no_grad()
     def act(self, obs, first, alive=None):
@@ -95,8 +98,7 @@ class Agent:
             self.reset(n)
         h, c = self.state
         h[:, first], c[:, first] = 0.0, 0.0
-        # D's last frame: on an episode's first step, the first frame itself.
-        last = np.where(first[:, None, None, None], obs, obs if self.last is None else self.last)  # (N,64,64,3)
+        last = np.where(first[:, None, None, None], obs, obs if self.last is None else self.last)  # (N,64,64,3) for D
         self.last = obs
         idx = np.arange(n) if alive is None else np.flatnonzero(alive)
         actions = np.full(n, ACTIONS[NONE])
@@ -138,12 +140,11 @@ def rollout(vae, mdn, params, level_seeds, distribution_mode, inputs, max_steps=
 _models = {}  # each pool worker loads V, M and D once
 
 
-def init_worker(vae, mdn, danger=b""):
-    """Each of vae, mdn, danger: a checkpoint's path, or its bytes (Ray's workers may run on other machines)."""
+def init_worker(vae, mdn, danger=""):
+    """Each of vae, mdn, danger: a checkpoint's path or an open file (Ray's workers may run on other machines)."""
     if mp.current_process().name != "MainProcess":  # a pool worker (not --workers 1): Ctrl-C is the main's
         signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(1)  # one thread per process: the processes are the parallelism
-    vae, mdn, danger = (io.BytesIO(x) if isinstance(x, bytes) and x else x for x in (vae, mdn, danger))
     _models.update(vae=load_vae(vae), mdn=load_mdnrnn(mdn), danger=load_danger(danger) if danger else None)
 
 
@@ -152,15 +153,15 @@ def rollout_job(job):
 
 
 def make_pool(kind, workers, vae_path, mdn_path, danger_path=""):
-    """Worker processes that hold the models. ProcessPoolExecutor, not multiprocessing.Pool: a worker that dies
-    (SIGKILL, out of memory, a segfault in the env) raises BrokenProcessPool at once, where Pool.map waits forever.
-    kind "ray": Ray's drop-in multiprocessing Pool (a dead worker raises RayActorError), given the files' bytes."""
+    """Workers that hold the models: a ProcessPoolExecutor, whose dead worker (SIGKILL, out of memory, a segfault)
+    raises BrokenProcessPool at once where multiprocessing.Pool.map waits forever; or (kind "ray") Ray's drop-in
+    Pool, whose dead worker raises RayActorError, given the files' bytes (its workers may be on other machines)."""
     if kind == "ray":
         try:
             from ray.util.multiprocessing import Pool  # its ray.init() joins RAY_ADDRESS's cluster, else starts one
         except ImportError:
             fail("--pool ray needs Ray, which is not installed: pip install ray")
-        files = tuple(open(p, "rb").read() if p else b"" for p in (vae_path, mdn_path, danger_path))
+        files = tuple(io.BytesIO(open(p, "rb").read()) if p else "" for p in (vae_path, mdn_path, danger_path))
         return Pool(workers, init_worker, files)
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
     return ProcessPoolExecutor(workers, ctx, initializer=init_worker, initargs=(vae_path, mdn_path, danger_path))
@@ -171,8 +172,7 @@ def fitness(pool, params, level_seeds, distribution_mode, inputs, workers, max_s
     chunks = [c for c in np.array_split(np.asarray(level_seeds), workers) if len(c)]
     jobs = [(params, c, distribution_mode, inputs, max_steps) for c in chunks]
     results = list((pool.map if pool else map)(rollout_job, jobs))
-    returns = np.concatenate([r for r, _ in results], axis=1)  # (P,E)
-    return returns.mean(axis=1), sum(s for _, s in results)
+    return np.concatenate([r for r, _ in results], axis=1).mean(axis=1), sum(s for _, s in results)  # (P,E) -> (P,)
 
 
 def cma_generation(es, evaluate):
@@ -184,26 +184,15 @@ def cma_generation(es, evaluate):
 
 
 def resume(es, ckpt, path):
-    """Rebuild CMA-ES's state by asking and telling each stored generation again: exact (the same seed asks
-    for the same candidates, checked), and nothing is unpickled. -> (gen, best, score, env steps, history)."""
-    history_x, history_fit = list(ckpt["cma_x"].numpy()), list(ckpt["cma_fitness"].numpy())  # (P,n), (P,) each
-    for g, (X, fit) in enumerate(zip(history_x, history_fit)):
+    """CMA-ES's state rebuilt by asking and telling each stored generation again: exact (the same seed asks for the
+    same candidates, checked) and nothing is unpickled. -> (generation, best, its score, env steps, history)."""
+    xs, fits = list(ckpt["cma_x"].numpy()), list(ckpt["cma_fitness"].numpy())  # (P,n), (P,) each
+    for g, (X, fit) in enumerate(zip(xs, fits)):
         if not np.array_equal(np.array(es.ask()), X):
             fail(f"{path}: generation {g + 1} of its CMA-ES history does not replay (another cma version?)")
         es.tell(list(X), (-fit).tolist())
     print(f"C: resumed {path} at generation {ckpt['generation']}")
-    return (ckpt["generation"], ckpt["params"].double().numpy(), ckpt["best_score"], ckpt["env_steps"],
-            history_x, history_fit)
-
-
-def start_point(n_params, inputs, danger_prior=0.0):
-    """CMA-ES's first mean (5,n_features+1), bias last: zero, or with d and danger_prior D's rule "UP iff D's
-    logit < 0, else no-op", a prior the search can leave (in hard mode CMA-ES from zero missed it)."""
-    x0 = np.zeros((len(ACTIONS), n_params // len(ACTIONS)))  # (5,n_features+1)
-    if "d" in inputs:
-        x0[UP, -2] = -danger_prior  # d is the last input, just before the bias
-        x0[[a for a in range(len(ACTIONS)) if a not in (UP, NONE)], -1] -= danger_prior  # else NONE wins
-    return x0
+    return ckpt["generation"], ckpt["params"].double().numpy(), ckpt["best_score"], ckpt["env_steps"], xs, fits
 
 
 def make_search(cfg, sizes):
@@ -213,8 +202,7 @@ def make_search(cfg, sizes):
     stds = np.concatenate([np.full(n, n ** -0.5) for n in sizes.values()] + [np.ones(1)])  # (n_features+1,)
     opts = dict(popsize=cfg.popsize, seed=cfg.seed + 1, CMA_diagonal=n_params > cfg.diagonal, verbose=-9,
                 CMA_stds=np.tile(stds, len(ACTIONS)))  # (5*(n_features+1),), the order of x0.ravel()
-    x0 = start_point(n_params, cfg.inputs, cfg.danger_prior)
-    return cma.CMAEvolutionStrategy(x0.ravel(), cfg.sigma0, opts)
+    return cma.CMAEvolutionStrategy(start_point(n_params, cfg.inputs, cfg.danger_prior).ravel(), cfg.sigma0, opts)
 
 
 def level_draw(seed, generation, n):
@@ -236,12 +224,10 @@ def train(cfg):
     es = make_search(cfg, input_sizes(cfg.inputs, vae.z_dim, mdn.hidden))
     workers = cfg.workers or os.cpu_count() or 1
     val_levels = np.random.default_rng([cfg.seed, 10**9]).integers(0, 2**31 - 1, cfg.eval_levels)
-    # The start point (D's rule) is validated first, so the checkpoint always holds a playable agent, never zeros.
     gen, best, best_score, env_steps, history_x, history_fit = (resume(es, ckpt, cfg.out) if ckpt else
                                                                 (0, es.mean.copy(), -1.0, 0, [], []))
     print(f"C: {es.N} parameters ({'diagonal' if es.opts['CMA_diagonal'] else 'full'} CMA-ES), "
           f"population {cfg.popsize} x {cfg.levels} levels, {workers} workers")
-    task = (cfg.distribution_mode, cfg.inputs, workers, cfg.max_steps)
     pool = (make_pool(cfg.pool, workers, cfg.vae, cfg.mdnrnn, danger) if workers > 1 or cfg.pool == "ray"
             else init_worker(cfg.vae, cfg.mdnrnn, danger))  # --workers 1: no pool (None), the rollouts run here
 
@@ -249,7 +235,7 @@ def train(cfg):
         nonlocal pool
         for attempt in range(2):
             try:
-                return fitness(pool, X, levels, *task)
+                return fitness(pool, X, levels, cfg.distribution_mode, cfg.inputs, workers, cfg.max_steps)
             except Exception as e:  # a dead worker: the executor's BrokenProcessPool, or Ray's actor errors
                 if type(e).__name__ not in ("BrokenProcessPool", "RayActorError", "ActorDiedError"):
                     raise
@@ -260,24 +246,38 @@ def train(cfg):
                 print(f"C: a fitness worker died in generation {gen + 1}; replaying it on fresh workers")
                 pool = make_pool(cfg.pool, workers, cfg.vae, cfg.mdnrnn, danger)
 
+    def score(X, gen):  # fitness of a generation's candidates X (P,n): -> (P,), agent steps (real or dreamt)
+        levels = level_draw(cfg.seed, gen, cfg.levels)
+        if cfg.controller_env == "real":
+            return evaluate(X, levels)
+        first = make_env(cfg.dream_episodes, cfg.distribution_mode, seed=int(levels[0])).observe()[1]["rgb"]
+        z0 = vae.encode(to_input(first))[0]  # (E,Z): dreams start from V's z of new levels' first frames
+        W = torch.as_tensor(X, dtype=torch.float32).view(len(X), len(ACTIONS), -1).repeat_interleave(len(z0), 0)
+
+        def policy(z, h, idx):  # W (P*E,5,F+1): dream episode p*E+e is candidate p's, from start e
+            return choose(W[idx], features(z, h, cfg.inputs))
+        ret, length = dream(mdn, policy, z0.repeat(len(X), 1), cfg.temperature)  # (P*E,) each
+        return ret.view(len(X), -1).mean(1).numpy(), int(length.sum())
+
     try:
-        if not ckpt:  # the start point is a candidate too: kept if no later candidate beats it on the same levels
+        if not ckpt:  # the start point is a candidate too (kept unless beaten), so C's checkpoint is always playable
             (best_score,), env_steps = evaluate(best[None], val_levels)
-            print(f"C: the start point's mean return on the {cfg.eval_levels} validation levels: {best_score:.4g}")
+            tqdm.write(f"C start point val_mean {best_score:.4g} env_steps {env_steps}")
         for gen in tqdm(range(gen, cfg.generations), desc="C (CMA-ES)", unit="gen", initial=gen,
                         total=cfg.generations, disable=None):  # disable=None: a bar on a terminal only
-            t0, levels = time.time(), level_draw(cfg.seed, gen, cfg.levels)
-            X, fit, steps = cma_generation(es, lambda X: evaluate(X, levels))
-            history_x.append(X)
-            history_fit.append(fit)
-            env_steps += steps
+            t0 = time.time()
+            X, fit, steps = cma_generation(es, lambda X: score(X, gen))
+            history_x, history_fit = history_x + [X], history_fit + [fit]
+            env_steps += steps if cfg.controller_env == "real" else 0  # dream steps cost no env step
             row = dict(generation=gen + 1, best=fit.max(), mean=fit.mean(), sigma=es.sigma, seconds=time.time() - t0,
                        agent_steps_per_s=steps / (time.time() - t0), env_steps=env_steps)
             if (gen + 1) % cfg.eval_every == 0 or gen + 1 == cfg.generations:
-                # A generation's best is partly luck on 16 levels: re-test it and the mean on more.
+                # A generation's best is partly luck on 16 levels: re-test it and the mean on more, in the game.
                 candidates = np.stack([es.mean, X[int(fit.argmax())]])
                 val, s = evaluate(candidates, val_levels)
                 env_steps += s
+                if cfg.controller_env == "dream":  # ... beside their dream scores: when C fools M, the two part
+                    row.update(zip(("dream_mean", "dream_gen_best"), score(candidates, gen)[0]))
                 if val.max() > best_score:
                     best, best_score = candidates[int(val.argmax())], val.max()
                 row.update(val_mean=val[0], val_gen_best=val[1], val_best_so_far=best_score, env_steps=env_steps)

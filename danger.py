@@ -152,6 +152,16 @@ def train(cfg):
     return model.cpu().eval()
 
 
+def start_point(n_params, inputs, danger_prior=0.0):
+    """C's start for CMA-ES (5,n_features+1), bias last: zero, or with d and danger_prior the controller D implies,
+    "UP iff D's logit < 0, else no-op", a prior the search can leave (in hard mode CMA-ES from zero missed it)."""
+    x0 = np.zeros((len(ACTIONS), n_params // len(ACTIONS)))  # (5,n_features+1)
+    if "d" in inputs:
+        x0[UP, -2] = -danger_prior  # d is C's last input, just before the bias
+        x0[[a for a in range(len(ACTIONS)) if a not in (UP, NONE)], -1] -= danger_prior  # else NONE wins
+    return x0
+
+
 def load_danger(path):
     """Rebuild D from its checkpoint alone."""
     model, ckpt = DangerNet(), load_checkpoint(path)

@@ -413,11 +413,11 @@ def test_always_up_controller_matches_the_baseline(tiny_run):
 
 def test_danger_prior_starts_at_up_unless_d_says_deadly():
     D = n_features("zhd")
-    x0 = controller.start_point(5 * (D + 1), "zhd", danger_prior=1.0)
+    x0 = danger.start_point(5 * (D + 1), "zhd", danger_prior=1.0)
     f = torch.randn(500, D) * 3  # (n,D): z, h and d = the last column, of any sign
     a = controller.choose(torch.as_tensor(x0, dtype=torch.float32), f).numpy()
     assert np.array_equal(a, np.where(f[:, -1].numpy() < 0, collect.UP, collect.NONE))
-    assert not controller.start_point(5 * (D + 1), "zhd").any()  # no prior: CMA-ES starts at zero
+    assert not danger.start_point(5 * (D + 1), "zhd").any()  # no prior: CMA-ES starts at zero
 
 
 def test_pool_equals_serial(tiny_run):
@@ -459,7 +459,7 @@ def test_ray_pool_without_ray_is_one_line(monkeypatch):
 def test_start_point_is_a_candidate(tiny_run, tmp_path, monkeypatch):
     """C's start point is validated like any candidate and kept when no candidate beats it (here a fake fitness
     ranks every point by its distance to the start, so nothing can)."""
-    start = controller.start_point(5 * (n_features("zh") + 1), "zh").ravel()
+    start = danger.start_point(5 * (n_features("zh") + 1), "zh").ravel()
 
     def fake_fitness(pool, X, levels, *task):
         return -np.abs(X - start).sum(1), len(levels)
@@ -493,6 +493,31 @@ def test_device_flag(tmp_path):
             assert r.returncode != 0 and "--device" in r.stderr.strip().splitlines()[-1] and "Traceback" not in r.stderr
             assert not os.listdir(tmp_path)
     assert vae.pick_device("cpu") == "cpu" and vae.pick_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_controller_trained_in_the_dream(tiny_run, tmp_path):
+    """--controller-env dream: fitness from M's dream (no env steps), the CMA mean and best re-tested in the real
+    game every eval_every generations and logged beside their dream scores; only those real checks count."""
+    out = tmp_path / "c.pt"
+    controller.train(CConfig(vae=str(tiny_run / "vae.pt"), mdnrnn=str(tiny_run / "mdnrnn.pt"), out=str(out),
+                             inputs="zh", controller_env="dream", dream_episodes=8, generations=2, popsize=4,
+                             levels=2, eval_every=2, eval_levels=3, workers=1))
+    rows = evaluate.read_jsonl(str(tmp_path / "c.jsonl"))
+    assert [("dream_mean" in r, "val_mean" in r) for r in rows] == [(False, False), (True, True)]
+    assert all(r["agent_steps_per_s"] > 0 for r in rows)
+    real_checks = rows[-1]["env_steps"]  # the start's 3 validation levels, then 2 candidates x 3 levels
+    assert 0 < real_checks <= (3 + 2 * 3) * 500 and torch.load(out, weights_only=True)["env_steps"] == real_checks
+    with pytest.raises(SystemExit) as e:
+        CConfig(inputs="zhd", controller_env="dream")
+    assert "a dream has none" in str(e.value)
+
+
+def test_train_dream_defaults():
+    import train
+    cfg = train.parse_args(["--controller-env", "dream"])
+    assert (cfg.inputs, cfg.danger_steps, cfg.out) == ("zh", 0, os.path.join("runs", "easy-default-dream"))
+    with pytest.raises(SystemExit):
+        train.parse_args(["--controller-env", "dream", "--inputs", "zhd", "--danger-steps", "100"])
 
 
 def test_cma_loop_improves_a_toy_objective():

@@ -53,6 +53,9 @@ class TrainConfig:
     sigma0: float = 0.5  # CMA-ES initial step size
     danger_prior: float = 1.0  # CMA-ES starts at "UP iff D's logit < 0, else no-op" (0: starts at zero)
     inputs: Literal["z", "zh", "zhd"] = "zhd"  # what C reads: z, [z, h] (Ha's), [z, h] and D's logit (needs D)
+    controller_env: Literal["real", "dream"] = "real"  # C's fitness: the game, or M's dream (then zh and no D)
+    temperature: float = 1.15  # the dream's tau (Ha: 1.15 for Doom)
+    dream_episodes: int = 256  # dream episodes per candidate per generation
     eval_every: int = 5  # generations between re-tests of the CMA mean and best
     eval_levels: int = 64  # levels of those re-tests
     workers: int = 0  # rollout processes (0 = one per core)
@@ -65,13 +68,15 @@ class TrainConfig:
         collect.check_flags(self, at_least=dict(
             episodes=1, z_dim=1, vae_epochs=1, hidden=1, gaussians=1, mdn_epochs=1, danger_steps=0, danger_epochs=1,
             generations=1, popsize=2, levels=1, max_steps=1, eval_every=1, eval_levels=1, workers=0, eval_episodes=0,
-            up_prob=0), above=dict(sigma0=0))
+            up_prob=0, dream_episodes=1), above=dict(sigma0=0, temperature=0))
         vae.pick_device(self.device)
         if self.spatial and self.z_dim % 64:
             collect.fail(f"--z-dim {self.z_dim}: a spatial V needs a multiple of 64, or --spatial false")
         if ("d" in self.inputs) != (self.danger_steps > 0):
             collect.fail(f"--inputs {self.inputs} with --danger-steps {self.danger_steps}: C reads D (d) exactly "
                          "when D is trained")
+        if self.controller_env == "dream" and "d" in self.inputs:
+            collect.fail("--controller-env dream with --inputs zhd: D reads frames and a dream has none (z or zh)")
 
 
 PRESETS = {
@@ -83,16 +88,20 @@ PRESETS = {
 }
 
 
-RUN_FLAGS = ("out", "generations", "workers", "pool", "device", "eval_episodes", "export")  # may change when a run dir is continued
+DREAM = dict(inputs="zh", danger_steps=0)  # --controller-env dream's defaults: C on [z, h], as D needs real frames
+RUN_FLAGS = ("out", "generations", "workers", "pool", "device", "eval_episodes", "export")  # free on a continued run
 
 
 def parse_args(argv=None):
-    """--preset picks the defaults; every other flag overrides one field of the preset."""
+    """--preset (and --controller-env dream) pick the defaults; every other flag overrides one field of them."""
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--preset", default=TrainConfig.preset, choices=sorted(PRESETS))
-    preset = pre.parse_known_args(argv)[0].preset
-    cfg = collect.cli(TrainConfig, argv, defaults=TrainConfig(preset=preset, **PRESETS[preset]))
-    return dataclasses.replace(cfg, out=cfg.out or os.path.join("runs", f"{cfg.distribution_mode}-{cfg.preset}"))
+    pre.add_argument("--controller-env", default=TrainConfig.controller_env, choices=("real", "dream"))
+    known = pre.parse_known_args(argv)[0]
+    defaults = {**PRESETS[known.preset], **(DREAM if known.controller_env == "dream" else {})}
+    cfg = collect.cli(TrainConfig, argv, defaults=TrainConfig(preset=known.preset, **defaults))
+    name = f"{cfg.distribution_mode}-{cfg.preset}" + ("-dream" if cfg.controller_env == "dream" else "")
+    return dataclasses.replace(cfg, out=cfg.out or os.path.join("runs", name))
 
 
 def export(run_dir, dest):
@@ -136,9 +145,9 @@ def run(cfg):
         with open(path("collect.json")) as f:
             c = json.load(f)
     print("== 2/5 train V")
-    vae.train(vae.VAEConfig(data=path("data"), out=path("vae.pt"), z_dim=cfg.z_dim, spatial=cfg.spatial, epochs=cfg.vae_epochs,
-                            fg_weight=cfg.fg_weight, kl_tolerance=cfg.kl_tolerance, seed=cfg.seed, resume=True,
-                            device=cfg.device))
+    vae.train(vae.VAEConfig(data=path("data"), out=path("vae.pt"), z_dim=cfg.z_dim, spatial=cfg.spatial,
+                            epochs=cfg.vae_epochs, fg_weight=cfg.fg_weight, kl_tolerance=cfg.kl_tolerance,
+                            seed=cfg.seed, resume=True, device=cfg.device))
     print("== 3/5 encode and train M")
     mdnrnn.train(mdnrnn.MDNConfig(data=path("data"), vae=path("vae.pt"), out=path("mdnrnn.pt"), hidden=cfg.hidden,
                                   gaussians=cfg.gaussians, epochs=cfg.mdn_epochs, seed=cfg.seed, resume=True,
@@ -150,13 +159,10 @@ def run(cfg):
                                          device=cfg.device))
     d_steps = vae.load_checkpoint(path("danger.pt"))["env_steps"] if cfg.danger_steps else 0
     print("== 5/5 evolve C")
+    shared = ("distribution_mode", "generations", "popsize", "levels", "max_steps", "sigma0", "danger_prior", "inputs",
+              "controller_env", "temperature", "dream_episodes", "eval_every", "eval_levels", "workers", "pool", "seed")
     ccfg = controller.CConfig(vae=path("vae.pt"), mdnrnn=path("mdnrnn.pt"), out=path("controller.pt"),
-                              danger=path("danger.pt"),
-                              distribution_mode=cfg.distribution_mode, generations=cfg.generations,
-                              popsize=cfg.popsize, levels=cfg.levels, max_steps=cfg.max_steps, sigma0=cfg.sigma0,
-                              danger_prior=cfg.danger_prior, inputs=cfg.inputs,
-                              eval_every=cfg.eval_every, eval_levels=cfg.eval_levels, workers=cfg.workers, pool=cfg.pool,
-                              seed=cfg.seed, resume=True)
+                              danger=path("danger.pt"), resume=True, **{k: getattr(cfg, k) for k in shared})
     controller.train(ccfg)
     c_steps = vae.load_checkpoint(path("controller.pt"))["env_steps"]
     peak = max(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
