@@ -21,7 +21,8 @@ from tqdm import tqdm
 from collect import ACTION_NAMES, ACTIONS, MAX_STEPS, UP, check_flags, cli, fail, interruptible, make_env, random_policy
 from controller import Agent, choose, features, input_sizes
 from danger import load_danger
-from mdnrnn import load_mdnrnn, sample_next
+from mdnrnn import dream as mdn_dream
+from mdnrnn import load_mdnrnn
 from vae import encode, load_checkpoint, load_vae, reconstruction_grid, to_input
 
 WIN = 10.0  # leaper pays 10 for reaching the finish line and nothing else
@@ -180,32 +181,27 @@ def agent_gif(agent, recorded, path):
 
 @torch.no_grad()
 def dream(agent, frame, steps=60, tau=1.15, seed=0):
-    """M imagines a rollout from one real frame, C choosing the actions. Returns decoded frames
-    uint8 (T+1,64,64,3), action indices (T,), the sampled win flags (T,) and whether M said done."""
+    """One episode of mdnrnn.dream (C's training ground with --controller-env dream) from one real frame, C choosing
+    the actions. -> V's picture of each dreamed z uint8 (T,64,64,3), action indices (T,), and how it ended:
+    "WIN", "dies" (M sampled done) or "" (still going after `steps`)."""
     torch.manual_seed(seed)
-    z = agent.vae.encode(to_input(frame[None]))[0]  # (1,Z)
-    state = (torch.zeros(1, 1, agent.mdn.hidden), torch.zeros(1, 1, agent.mdn.hidden))
-    frames, actions, wins = [decode(agent.vae, z)], [], []  # V's picture of each dreamed z, (1,64,64,3) each
-    for _ in range(steps):
-        # D, if C reads it, looks at V's pictures of the dream: this one and the one before.
+    frames, actions = [], []
+
+    def policy(z, h, idx):  # (1,Z), (1,H): C on M's z, no frame to encode; D (if C reads it) on V's pictures
+        frames.append(decode(agent.vae, z))
         d = agent.danger(frames[-1], frames[-2 if len(frames) > 1 else -1]) if agent.danger else None
-        a = choose(agent.weights, features(z, state[0][0], agent.inputs, d))  # (1,): C on M's z, no frame to encode
-        mix, win_logit, done_logit, state = agent.mdn.step(z, a, state)
-        z, win, done = sample_next(*mix, win_logit, done_logit, tau)
-        frames, actions, wins = frames + [decode(agent.vae, z)], actions + [int(a)], wins + [bool(win)]
-        if done.item():
-            break
-    return np.concatenate(frames), np.array(actions), np.array(wins), bool(done.item())  # (T+1,64,64,3)
+        actions.append(int(choose(agent.weights, features(z, h, agent.inputs, d))))
+        return torch.tensor(actions[-1:])
+    ret, length = mdn_dream(agent.mdn, policy, agent.vae.encode(to_input(frame[None]))[0], tau, max_steps=steps)
+    end = "WIN" if ret.item() > 0 else "dies" if length.item() < steps else ""
+    return np.concatenate(frames), np.array(actions), end  # (T,64,64,3), (T,)
 
 
 def dream_gif(agent, frame, tau, path):
-    frames, actions, wins, done = dream(agent, frame, tau=tau)
+    frames, actions, end = dream(agent, frame, tau=tau)
     gif = []
     for t, img in enumerate(frames):
-        text = f"start | dream tau={tau} t={t}"
-        text += f" {ACTION_NAMES[actions[t]]}" if t < len(actions) else ""
-        text += " WIN" if t and wins[t - 1] else ""
-        text += " done" if done and t == len(actions) else ""  # M's done head fired: the dream ends
+        text = f"start | dream tau={tau} t={t} {ACTION_NAMES[actions[t]]}" + (f" {end}" if t == len(frames) - 1 else "")
         gif.append(caption(upscale(np.concatenate([frame, img], 1)), text))  # (64,128,3), x4
     save_gif(path, gif + gif[-1:] * 10, duration=100)  # hold the last frame a second
 
