@@ -99,7 +99,7 @@ def masked_bce(logit, target, mask):
 def m_losses(model, batch, sample=True):
     """Mean losses over the valid, unpadded steps: (nll per step, win BCE, done BCE), and the done
     logits. batch: a dict of tensors, as load_sequences makes them (see there for the fields)."""
-    mu, logvar = batch["mu"], batch["logvar"]  # (B,L+1,Z) each
+    mu, logvar = batch["mu"].float(), batch["logvar"].float()  # (B,L+1,Z) each; stored in float16
     z = mu + torch.randn_like(mu) * (0.5 * logvar).exp() if sample else mu  # (B,L+1,Z); Ha resamples z
     mix, win_logit, done_logit, _ = model(z[:, :-1], batch["action"])
     nll = (mdn_nll(*mix, z[:, 1:]) * batch["next_mask"]).sum() / batch["next_mask"].sum().clamp(min=1)
@@ -187,7 +187,7 @@ def pad(x, length):
 def load_sequences(latents, seq_len, holdout):
     """Cut the encoded episodes into windows of seq_len steps (+1 frame for the last target), padded.
     Returns a dict of tensors, one row per window, and a held-out flag per window (N,):
-      mu, logvar (N,L+1,Z): V's encoding of the frames; action (N,L): index 0..4 taken at step t;
+      mu, logvar (N,L+1,Z) float16: V's encoding of the frames; action (N,L): index 0..4 taken at step t;
       win (N,L): 1 where step t reached the finish (reward 10); done (N,L): 1 where the episode ended
       after step t (death, win or timeout); step_mask (N,L): step t is real, not padding;
       next_mask (N,L): z_{t+1} exists (not after the episode's last step)."""
@@ -203,8 +203,8 @@ def load_sequences(latents, seq_len, holdout):
         for s in range(0, T, seq_len):
             n = min(seq_len, T - s)  # steps in this window
             f = min(seq_len + 1, T - s)  # frames in this window (one more when the episode goes on)
-            cols["mu"].append(pad(ep["mu"][s:s + f].astype(np.float32), seq_len + 1))
-            cols["logvar"].append(pad(ep["logvar"][s:s + f].astype(np.float32), seq_len + 1))
+            cols["mu"].append(pad(ep["mu"][s:s + f], seq_len + 1))  # float16 as stored: half the RAM
+            cols["logvar"].append(pad(ep["logvar"][s:s + f], seq_len + 1))
             cols["action"].append(pad(ep["action"][s:s + n].astype(np.int64), seq_len))
             cols["win"].append(pad((ep["reward"][s:s + n] > 0).astype(np.float32), seq_len))  # win = reward 10
             cols["done"].append(pad(ep["done"][s:s + n].astype(np.float32), seq_len))
@@ -243,9 +243,9 @@ def train(cfg):
     encode_episodes(cfg.data, cfg.vae, latents)
     torch.manual_seed(cfg.seed)  # seeding, in one place: weights, z resampling and shuffling
     data, held = load_sequences(latents, cfg.seq_len, cfg.holdout)
-    train_set = {k: t[~held] for k, t in data.items()}
-    test_set = {k: t[held] for k, t in data.items()} if held.any() else train_set
-    z_dim, n_train = data["mu"].shape[-1], len(train_set["action"])
+    train_idx = torch.from_numpy(np.flatnonzero(~held))  # batches index `data`: no copy of the training set
+    test_set = {k: t[held] for k, t in data.items()} if held.any() else data
+    z_dim, n_train = data["mu"].shape[-1], len(train_idx)
     model, opt, epoch, step, dev = start_training(MDNRNN(z_dim, cfg.hidden, cfg.gaussians), cfg.lr, ckpt, cfg.device)
     print(f"M: {sum(p.numel() for p in model.parameters()):,} parameters, {n_train} training "
           f"sequences, {int(held.sum())} held-out; before training: {test_metrics(model, test_set)}")
@@ -254,10 +254,10 @@ def train(cfg):
         model.train()
         t0, tot = time.time(), np.zeros(3)
         # Each epoch's order comes from (seed, epoch): a resumed run shuffles exactly as an unbroken one.
-        perm = torch.from_numpy(np.random.default_rng([cfg.seed, epoch]).permutation(n_train))
+        perm = train_idx[np.random.default_rng([cfg.seed, epoch]).permutation(n_train)]
         for i in tqdm(range(0, n_train, cfg.batch_size), desc=f"M epoch {epoch + 1}/{cfg.epochs}", unit="batch",
                       disable=None):  # disable=None: a bar on a terminal, none in a log file
-            batch = {k: t[perm[i:i + cfg.batch_size]].to(dev) for k, t in train_set.items()}
+            batch = {k: t[perm[i:i + cfg.batch_size]].to(dev) for k, t in data.items()}
             nll, win_bce, done_bce, _ = m_losses(model, batch)
             if not torch.isfinite(nll + win_bce + done_bce):
                 fail(f"M's loss is not finite at epoch {epoch + 1}, step {step + 1}; the last good checkpoint is "
@@ -272,7 +272,7 @@ def train(cfg):
         nb = math.ceil(n_train / cfg.batch_size)
         row = dict(epoch=epoch, step=step, nll=tot[0] / nb, win_bce=tot[1] / nb, done_bce=tot[2] / nb,
                    **test_metrics(model, test_set),
-                   steps_per_s=float(train_set["step_mask"].sum()) / (time.time() - t0))
+                   steps_per_s=float(data["step_mask"][train_idx].sum()) / (time.time() - t0))
         print("M " + " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
         config = dataclasses.asdict(cfg)
         save_atomic(dict(model=model.state_dict(), optimizer=opt.state_dict(), config=config, z_dim=z_dim, epoch=epoch,
