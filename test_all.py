@@ -492,7 +492,8 @@ def test_device_flag(tmp_path):
                                capture_output=True, text=True, timeout=120)
             assert r.returncode != 0 and "--device" in r.stderr.strip().splitlines()[-1] and "Traceback" not in r.stderr
             assert not os.listdir(tmp_path)
-    assert vae.pick_device("cpu") == "cpu" and vae.pick_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    auto = "cuda" if torch.cuda.is_available() else "cpu"
+    assert vae.pick_device("cpu") == "cpu" and vae.pick_device("auto") == auto
 
 
 def test_controller_trained_in_the_dream(tiny_run, tmp_path):
@@ -1005,7 +1006,10 @@ def test_train_refuses_a_changed_flag_on_an_existing_run(tmp_path):
 
 
 @pytest.mark.parametrize("argv", [["--episodes", "0"], ["--z-dim", "100"], ["--sigma0", "0"], ["--popsize", "1"],
-                                  ["--inputs", "zhd", "--danger-steps", "0"], ["--spatial", "ture"]])
+                                  ["--inputs", "zhd", "--danger-steps", "0"], ["--spatial", "ture"],
+                                  ["--temperature", "0"], ["--temperature", "-1"], ["--device", "tpu"],
+                                  ["--pool", "dask"],
+                                  ["--controller-env", "dream", "--inputs", "zhd", "--danger-steps", "100"]])
 def test_bad_flag_values_get_one_line_before_anything_is_written(tmp_path, argv, capsys):
     import train
     with pytest.raises(SystemExit) as e:
