@@ -44,7 +44,7 @@ class CConfig:
     sigma0: float = 0.5  # initial CMA-ES step size
     danger_prior: float = 1.0  # with d: start at "UP iff D's logit < 0, else no-op" (0: start at zero)
     diagonal: int = 1000  # above this many parameters use the diagonal (sep-)CMA, O(n) per step
-    controller_env: Literal["real", "dream"] = "real"  # where candidates are scored: the game, or M's dream (Ha 4)
+    controller_env: Literal["real", "dream"] = "real"  # where candidates are scored: the game or M's dream (Ha §4)
     temperature: float = 1.15  # the dream's tau: M samples at this temperature (Ha: 1.15 for Doom)
     dream_episodes: int = 256  # dream episodes per candidate per generation, from new levels' first frames
     eval_every: int = 5  # every this many generations, re-test the CMA mean and the generation's best

@@ -1,11 +1,9 @@
-"""M: the memory model of World Models (Ha & Schmidhuber 2018, section 2.2 and appendix A.2), an
-LSTM whose output layer is a mixture density network: given z_t and action a_t it predicts
-P(z_{t+1}) as K Gaussians per latent dimension, plus two logits: "this step wins" (leaper's only
-reward, 10 at the finish) and "the episode ends after this step" (a death, a win or the 500-step
-timeout: the done flag of the data, not a death detector).
-
-The model, its loss and its sampling need only torch: copy this file alone for them. Encoding and
-training borrow V (vae.py) and the episode reader (collect.py), imported where they are used.
+"""M: the memory model of World Models (Ha & Schmidhuber 2018, section 2.2 and appendix A.2), an LSTM whose
+output layer is a mixture density network: given z_t and action a_t it predicts P(z_{t+1}) as K Gaussians per
+latent dimension, plus two logits: "this step wins" (leaper's only reward, 10 at the finish) and "the episode
+ends after this step" (a death, a win or the 500-step timeout: the data's done flag, not a death detector).
+Run on its own samples, M is a dream environment (`dream`, section 4). The model, its loss, sampling and dream
+need only torch: copy this file alone for them. Encoding and training borrow vae.py and collect.py.
 
     python mdnrnn.py --data runs/data --vae runs/vae.pt --out runs/mdnrnn.pt
 (first encodes every episode of --data with V into --latents, then trains M on those latents)
@@ -143,8 +141,7 @@ def dream(model, policy, z, tau=1.0, max_steps=500):
 
 
 def read_latents(path, keys, optional=False):
-    """The named arrays of one encoded episode (optional: only those it has); a corrupt file or a missing
-    array gets one error line."""
+    """The named arrays of one encoded episode (optional: only those it has); a corrupt one gets one error line."""
     from collect import fail
     try:
         with np.load(path) as d:
@@ -179,8 +176,7 @@ def encode_episodes(data, vae_path, latents):
         print(f"encode: {len(todo)} episodes, {n} frames, {n / (time.time() - t0):,.0f} frames/s")
 
 
-def pad(x, length):
-    """Zero-pad x along its first axis to length."""
+def pad(x, length):  # zero-pad x along its first axis to length
     return np.pad(x, [(0, length - len(x))] + [(0, 0)] * (x.ndim - 1))
 
 
@@ -215,16 +211,22 @@ def load_sequences(latents, seq_len, holdout):
 
 
 @torch.no_grad()
-def test_metrics(model, data):
-    """Held-out NLL (z from mu, no resampling), done-head accuracy and the always-'not done' baseline."""
+def test_metrics(model, data, batch_size=256):
+    """Held-out NLL (z from mu, no resampling), done-head accuracy and recall, the always-'not done' baseline."""
     model.eval()
-    dev = next(model.parameters()).device
-    data = {k: t.to(dev) for k, t in data.items()}
-    nll, win_bce, done_bce, done_logit = m_losses(model, data, sample=False)
-    done, mask = data["done"], data["step_mask"].bool()
+    dev, sums, logits = next(model.parameters()).device, np.zeros(3), []
+    for i in range(0, len(data["action"]), batch_size):  # in batches: the paper preset's at once took ~8 GB
+        batch = {k: t[i:i + batch_size].to(dev) for k, t in data.items()}
+        nll, win_bce, done_bce, done_logit = m_losses(model, batch, sample=False)
+        steps, nexts = batch["step_mask"].sum().item(), batch["next_mask"].sum().item()
+        sums += [nll.item() * nexts, win_bce.item() * steps, done_bce.item() * steps]  # means back to sums
+        logits.append(done_logit.cpu())
+    done_logit, done, mask = torch.cat(logits), data["done"], data["step_mask"].bool()
+    steps, nexts = data["step_mask"].sum().item(), max(data["next_mask"].sum().item(), 1)
+    nll, win_bce, done_bce = sums / [nexts, steps, steps]
     acc = ((done_logit > 0).float() == done)[mask].float().mean().item()
     recall = ((done_logit > 0) & (done > 0))[mask].sum().item() / max(done[mask].sum().item(), 1)
-    return dict(test_nll=nll.item(), test_win_bce=win_bce.item(), test_done_bce=done_bce.item(), test_done_acc=acc,
+    return dict(test_nll=nll, test_win_bce=win_bce, test_done_bce=done_bce, test_done_acc=acc,
                 test_done_recall=recall, always_not_done_acc=1 - done[mask].mean().item())
 
 
