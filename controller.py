@@ -118,7 +118,7 @@ def rollout(vae, mdn, params, level_seeds, distribution_mode, inputs, max_steps=
     only its first episode; finished envs cost no V or M work (procgen steps them with the cheap no-op)."""
     P, E = len(params), len(level_seeds)
     envs = [make_env(P, distribution_mode, start_level=int(s), num_levels=1) for s in level_seeds]
-    weights = torch.as_tensor(params, dtype=torch.float32).view(P, len(ACTIONS), -1).repeat(E, 1, 1)  # (E*P,5,F+1)
+    weights = torch.tensor(params, dtype=torch.float32).view(P, len(ACTIONS), -1).repeat(E, 1, 1)  # (E*P,5,F+1)
     agent = Agent(vae, mdn, weights, inputs, danger)
     obs = np.concatenate([e.observe()[1]["rgb"] for e in envs])  # (E*P,64,64,3): env k*P+p = candidate p, level k
     first, alive, ret, steps = np.ones(E * P, dtype=bool), np.ones(E * P, dtype=bool), np.zeros(E * P), 0
