@@ -172,7 +172,7 @@ def run(cfg):
                    env_steps=int(c["env_steps"] + d_steps + c_steps))
     print(f"trained in {summary['minutes']:.1f} min, peak memory (RSS) {summary['peak_rss_gb']:.2f} GB; "
           f"real env steps: collection {c['env_steps']:,} + D's play "
-          f"{int(d_steps):,} + fitness rollouts {int(c_steps):,} = {summary['env_steps']:,}")
+          f"{int(d_steps):,} + C's real rollouts {int(c_steps):,} = {summary['env_steps']:,}")
     if cfg.eval_episodes:  # summary.json holds the last run that was tested; an untested resume keeps it
         print(f"== held-out test: {cfg.eval_episodes} episodes on levels training never used")
         summary["test"] = evaluate.main(evaluate.EvalConfig(run=cfg.out, episodes=cfg.eval_episodes))
