@@ -119,7 +119,7 @@ def train(cfg):
     test = np.arange(len(y)) % cfg.holdout == cfg.holdout - 1 if cfg.holdout > 0 else np.zeros(len(y), bool)
     train_idx, test_idx = np.flatnonzero(~test), np.flatnonzero(test)
     print(f"D: {cfg.steps} env steps of hop-then-wait, {len(y)} UPs ({y.mean():.1%} deadly), {len(test_idx)} held out")
-    model, opt, epoch, _, dev = start_training(DangerNet(), cfg.lr, ckpt and dict(ckpt, step=0), cfg.device)
+    model, opt, epoch, _, dev = start_training(DangerNet(), cfg.lr, ckpt, cfg.device)
     if ckpt:
         print(f"D: resumed {cfg.out} at epoch {epoch}")
     while epoch < cfg.epochs:

@@ -19,7 +19,6 @@ import time
 from dataclasses import dataclass
 from typing import Literal
 
-
 import collect
 import controller
 import danger

@@ -218,7 +218,7 @@ def start_training(model, lr, ckpt=None, device="auto"):
     if ckpt:
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
-    return model, opt, ckpt["epoch"] if ckpt else 0, ckpt["step"] if ckpt else 0, dev
+    return model, opt, ckpt["epoch"] if ckpt else 0, ckpt.get("step", 0) if ckpt else 0, dev  # D counts no steps
 
 
 def data_identity(data_dir):
