@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from collect import ACTIONS, NONE, UP, check_flags, cli, fail, interruptible, make_env
-from vae import ReLU, identity, load_checkpoint, pick_device, resume_point, save_atomic, start_training
+from mdnrnn import auc
+from vae import ReLU, identity, load_checkpoint, pick_device, resume_point, save_atomic, start_training, to_input
 
 MOVE_PROBS = [0.1, 0.05, 0.15, 0.6, 0.1]  # LEFT, DOWN, NONE, UP, RIGHT: mostly UP, to reach the river
 
@@ -66,22 +67,29 @@ class DangerNet(nn.Module):
         return self.net(x.permute(0, 3, 1, 2).float().div(255))[:, 0]  # (B,6,64,64) -> (B,)
 
 
-def hop_then_wait(distribution_mode, steps, num_envs, seed):
-    """Every UP of hop-then-wait play: (this frame, last frame) uint8 (N,64,64,6) and died (N,)."""
+def pair(obs, last, a, wait, first):
+    """What D learns from for each env's UP: this frame and the last, (n,64,64,6) uint8."""
+    return np.concatenate([obs, last], -1)
+
+
+def hop_then_wait(distribution_mode, steps, num_envs, seed, record=pair):
+    """Every UP of hop-then-wait play: record(obs, last, a, wait, first) of its step (default: the frame pair;
+    called at every step with the whole batch, so that a recorder may keep memory) and died (N,)."""
     env = make_env(num_envs, distribution_mode, seed=seed)
     rng, n = np.random.default_rng(seed), num_envs
     obs = env.observe()[1]["rgb"]
-    last, wait, pending = obs.copy(), np.zeros(n, dtype=int), [None] * n  # pending: env i's open UP
-    X, Y = [], []
+    last, wait, pending, first = obs.copy(), np.zeros(n, dtype=int), [None] * n, np.ones(n, dtype=bool)
+    X, Y = [], []  # pending: env i's open UP
     for _ in tqdm(range(steps // n), desc="hop-then-wait", unit="step", disable=None):
         move = wait == 0  # (n,) envs that choose a new move now
         a = np.where(move, rng.choice(len(ACTIONS), size=n, p=MOVE_PROBS), NONE)
+        wait = np.where(move, rng.integers(5, 13, size=n), wait - 1)  # a move, then wait - 1 no-ops
+        item = record(obs, last, a, wait, first)
         for i in np.flatnonzero(move):
             if pending[i] is not None:  # its last UP survived until this move
                 X.append(pending[i])
                 Y.append(0.0)
-            pending[i] = np.concatenate([obs[i], last[i]], -1) if a[i] == UP else None  # (64,64,6)
-        wait = np.where(move, rng.integers(5, 13, size=n), wait - 1)
+            pending[i] = item[i].copy() if a[i] == UP else None  # a copy: a view would keep the whole batch
         env.act(ACTIONS[a])
         rew, new, first = env.observe()
         for i in np.flatnonzero(first):  # CRUCIAL: procgen auto-resets; new[i] is the next level
@@ -91,14 +99,6 @@ def hop_then_wait(distribution_mode, steps, num_envs, seed):
             pending[i], wait[i] = None, 0
         last, obs = np.where(first[:, None, None, None], new["rgb"], obs), new["rgb"]
     return np.stack(X), np.array(Y, dtype=np.float32)
-
-
-def auc(score, y):
-    """Area under the ROC curve by ranks: P(score of a death > score of a survival)."""
-    rank = np.empty(len(score))
-    rank[np.argsort(score)] = np.arange(len(score))
-    pos = y > 0
-    return float((rank[pos].mean() - (pos.sum() - 1) / 2) / max((~pos).sum(), 1))
 
 
 def scores(model, X, idx, batch=512):
@@ -150,6 +150,44 @@ def train(cfg):
         with open(os.path.splitext(cfg.out)[0] + ".jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
     return model.cpu().eval()
+
+
+@torch.no_grad()
+def imagine_death(mdn, z, state, wait):
+    """V and M's answer to "does this UP kill?": from V's z (n,Z) and M's memory before it (h, c), M takes the UP,
+    then dreams wait - 1 no-ops on its most likely next z (tau -> 0). -> P(death right after the UP) (n,) and
+    P(death before the next move) (n,), 1 - prod(1 - p_k) over the wait (n,) imagined steps."""
+    a, survive, first_p = torch.full((len(z),), UP), torch.ones(len(z)), None
+    for k in range(int(wait.max())):
+        (logit_pi, mu, _), _, death_logit, state = mdn.step(z, a, state)
+        p = torch.sigmoid(death_logit[:, 0]) * (k < wait)  # (n,) an env's wait over: no more risk counted
+        first_p = p if first_p is None else first_p
+        survive = survive * (1 - p)
+        z = mu[:, 0].gather(-1, logit_pi[:, 0].argmax(-1, keepdim=True))[..., 0]  # (n,Z,K) -> (n,Z)
+        a = torch.full_like(a, NONE)
+    return first_p, 1 - survive
+
+
+@torch.no_grad()
+def death_probe(vae, mdn, danger=None, distribution_mode="easy", steps=50_000, num_envs=64, seed=1_000_003):
+    """The test of "this UP kills" on levels no training step saw (seed: evaluate.py's held-out stream): every
+    UP of hop-then-wait play scored by D (its logit) and by V and M (imagine_death); -> the AUC of each."""
+    state = torch.zeros(2, 1, num_envs, mdn.hidden).unbind()  # M's memory (h, c), each (1,n,H)
+
+    def record(obs, last, a, wait, first):  # every step: V encodes, M remembers; the UPs get scored
+        nonlocal state
+        state[0][:, first], state[1][:, first] = 0.0, 0.0  # a new level: M's memory starts empty
+        z = vae.encode(to_input(obs))[0]  # (n,Z), mu
+        out, up = np.full((len(obs), 3), np.nan, dtype=np.float32), np.flatnonzero(a == UP)  # D, M next, M wait
+        if len(up):
+            out[up, 0] = danger(obs[up], last[up]).cpu().numpy() if danger is not None else np.nan
+            m = imagine_death(mdn, z[up], (state[0][:, up], state[1][:, up]), torch.from_numpy(wait[up]))
+            out[up, 1], out[up, 2] = (t.numpy() for t in m)
+        state = mdn.advance(z, torch.from_numpy(a), state)
+        return out
+    S, y = hop_then_wait(distribution_mode, steps, num_envs, seed, record)  # (N,3), (N,)
+    return dict(ups=len(y), deadly=float(y.mean()), d_auc=auc(S[:, 0], y) if danger is not None else None,
+                m_auc=auc(S[:, 2], y), m_auc_next_step=auc(S[:, 1], y))
 
 
 def start_point(n_params, inputs, danger_prior=0.0):

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from collect import ACTION_NAMES, ACTIONS, MAX_STEPS, UP, check_flags, cli, fail, interruptible, make_env, random_policy
 from controller import Agent, choose, features, input_sizes
-from danger import load_danger
+from danger import death_probe, load_danger
 from mdnrnn import dream as mdn_dream
 from mdnrnn import load_mdnrnn
 from vae import encode, load_checkpoint, load_vae, reconstruction_grid, to_input
@@ -39,9 +39,10 @@ class EvalConfig:
     pictures: bool = True  # write agent.gif, reconstructions.png, dream.gif and curves.png into --run
     gif_episodes: int = 4  # episodes played by the agent in agent.gif
     tau: float = 1.15  # temperature of M's dream in dream.gif (Ha: 1.15)
+    death_steps: int = 50_000  # env steps of hop-then-wait play on --seed's levels: "does this UP kill?" AUC of D, V+M
 
     def __post_init__(self):
-        check_flags(self, at_least=dict(episodes=1, gif_episodes=0), above=dict(tau=0))
+        check_flags(self, at_least=dict(episodes=1, gif_episodes=0, death_steps=0), above=dict(tau=0))
 
 
 def load_agent(run_dir):
@@ -218,7 +219,7 @@ def curves_png(run_dir, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     panels = [("vae", "epoch", ["loss", "recon", "test_sq_err"], ["kl"], "V: summed squared error / KL"),
-              ("mdnrnn", "epoch", ["nll", "test_nll"], ["win_bce", "done_bce"], "M: z NLL / win, done BCE"),
+              ("mdnrnn", "epoch", ["nll", "test_nll"], ["win_bce", "death_bce"], "M: z NLL / win, death BCE"),
               ("danger", "epoch", ["test_auc"], ["bce"], "D: held-out AUC / BCE"),
               ("controller", "generation", ["best", "mean", "val_mean"], [], "C: return (CMA-ES)")]
     panels = [(read_jsonl(os.path.join(run_dir, name + ".jsonl")), *rest) for name, *rest in panels
@@ -273,12 +274,21 @@ def main(cfg):
         ci = "[{:.1%}, {:.1%}]".format(*r["ci95"])
         print(f"{name:<10} {r['episodes']:>8} {r['win_rate']:>8.1%}  {ci:<16} {r['mean_return']:>11.3f} "
               f"{r['mean_length']:>11.1f}")
+    probe = None
+    if cfg.death_steps:  # D's and the world model's answer on the same UPs of levels no training step saw
+        d_path = os.path.join(cfg.run, "danger.pt")
+        d = agent.danger or (load_danger(d_path) if os.path.exists(d_path) else None)
+        probe = death_probe(agent.vae, agent.mdn, d, mode, cfg.death_steps, seed=cfg.seed)
+        print(f"does this UP kill? {probe['ups']} UPs of hop-then-wait play ({probe['deadly']:.1%} deadly), AUC: D "
+              + ("-" if d is None else f"{probe['d_auc']:.3f}") + f", V+M {probe['m_auc']:.3f} (imagining the UP and the "
+              f"wait; M's next step alone {probe['m_auc_next_step']:.3f})")
     if cfg.pictures:
         for path in pictures(agent, cfg, mode):
             print(f"wrote {path}")
     if cfg.json:
         baselines = {k: v for k, v in results.items() if k != "agent"}
-        print(json.dumps(dict(**results["agent"], distribution_mode=mode, seed=cfg.seed, run=cfg.run, baselines=baselines)))
+        print(json.dumps(dict(**results["agent"], distribution_mode=mode, seed=cfg.seed, run=cfg.run, baselines=baselines,
+                              death_probe=probe)))
     return results
 
 

@@ -1,7 +1,7 @@
 """M: the memory model of World Models (Ha & Schmidhuber 2018, section 2.2 and appendix A.2), an LSTM whose
 output layer is a mixture density network: given z_t and action a_t it predicts P(z_{t+1}) as K Gaussians per
-latent dimension, plus two logits: "this step wins" (leaper's only reward, 10 at the finish) and "the episode
-ends after this step" (a death, a win or the 500-step timeout: the data's done flag, not a death detector).
+latent dimension, plus two logits: "this step wins" (leaper's only reward, 10 at the finish) and "this step
+kills the frog" (the episode ends without the win before leaper's 500-step cap: not procgen's done flag).
 Run on its own samples, M is a dream environment (`dream`, section 4). The model, its loss, sampling and dream
 need only torch: copy this file alone for them. Encoding and training borrow vae.py and collect.py.
 
@@ -35,9 +35,10 @@ class MDNConfig:
     gaussians: int = 5  # mixture components per latent dimension (Ha: 5)
     seq_len: int = 32  # training sequences are cut to this many steps (shorter ones are padded)
     batch_size: int = 64  # sequences per gradient step
-    epochs: int = 10  # passes over the training sequences
+    epochs: int = 30  # passes over the training sequences (held-out NLL 44.5 at 10, 32.4 at 30: default easy data)
     lr: float = 1e-3  # Adam learning rate
     grad_clip: float = 1.0  # gradient norm clipping
+    death_weight: float = 1.0  # weight of the rare death steps in the death BCE (>1: M learns them harder, dreams kill more)
     holdout: int = 20  # every holdout-th episode is kept out of training, for the test numbers
     seed: int = 0  # seeds torch and the shuffling
     resume: bool = False  # continue from --out instead of refusing to overwrite it
@@ -48,7 +49,7 @@ class MDNConfig:
         from vae import pick_device
         pick_device(self.device)
         check_flags(self, at_least=dict(hidden=1, gaussians=1, seq_len=1, batch_size=1, epochs=1, holdout=0),
-                    above=dict(lr=0, grad_clip=0))
+                    above=dict(lr=0, grad_clip=0, death_weight=0))
 
 
 class MDNRNN(nn.Module):
@@ -56,11 +57,11 @@ class MDNRNN(nn.Module):
         super().__init__()
         self.z_dim, self.hidden, self.k, self.n_actions = z_dim, hidden, gaussians, n_actions
         self.lstm = nn.LSTM(z_dim + n_actions, hidden, batch_first=True)
-        self.head = nn.Linear(hidden, 3 * z_dim * gaussians + 2)  # pi, mu, log sigma; win, done
+        self.head = nn.Linear(hidden, 3 * z_dim * gaussians + 2)  # pi, mu, log sigma; win, death
 
     def forward(self, z, action, state=None):
         """z (B,T,Z), action indices (B,T) -> mixture params for z_{t+1}, each (B,T,Z,K), the win and
-        done logits (B,T), and the LSTM state (h, c), each (1,B,H)."""
+        death logits (B,T), and the LSTM state (h, c), each (1,B,H)."""
         out, state = self.lstm(self.lstm_input(z, action), state)  # (B,T,H)
         y = self.head(out)  # (B,T,3*Z*K+2)
         mix = y[..., :-2].reshape(*y.shape[:2], 3, self.z_dim, self.k)  # (B,T,3,Z,K)
@@ -80,49 +81,56 @@ class MDNRNN(nn.Module):
 
 
 def mdn_nll(logit_pi, mu, log_sigma, target):
-    """-log P(target) under the mixture, summed over latent dims: (...,Z,K) x3, (...,Z) -> (...).
-
-    Computed in log space with logsumexp (a probability-space sum underflows). A density can exceed
-    1, so a NEGATIVE NLL is normal and just means M predicts z_{t+1} sharply."""
+    """-log P(target) under the mixture, summed over latent dims: (...,Z,K) x3, (...,Z) -> (...). In log space
+    (logsumexp: a sum of probabilities underflows). A density can exceed 1: a NEGATIVE NLL means a sharp M."""
     log_normal = (-0.5 * ((target.unsqueeze(-1) - mu) / log_sigma.exp()).pow(2)
                   - log_sigma - 0.5 * math.log(2 * math.pi))  # (...,Z,K)
     return -torch.logsumexp(F.log_softmax(logit_pi, -1) + log_normal, -1).sum(-1)
 
 
-def masked_bce(logit, target, mask):
-    """Binary cross-entropy averaged over the steps where mask is 1: (B,L) x3 -> ()."""
-    return (F.binary_cross_entropy_with_logits(logit, target, reduction="none") * mask).sum() / mask.sum()
+def masked_bce(logit, target, mask, pos_weight=1.0):
+    """Binary cross-entropy averaged over the steps where mask is 1, positives weighted: (B,L) x3 -> ()."""
+    weight = mask * (1 + (pos_weight - 1) * target)  # (B,L): padding 0, positives pos_weight, negatives 1
+    return F.binary_cross_entropy_with_logits(logit, target, weight=weight, reduction="sum") / mask.sum()
 
 
-def m_losses(model, batch, sample=True):
-    """Mean losses over the valid, unpadded steps: (nll per step, win BCE, done BCE), and the done
+def auc(score, y):
+    """Area under the ROC curve by ranks: P(score of a positive > score of a negative), ties broken by order."""
+    rank, pos = np.argsort(np.argsort(score, kind="stable")), y > 0
+    if pos.all() or not pos.any():  # undefined without both classes
+        return float("nan")
+    return float((rank[pos].mean() - (pos.sum() - 1) / 2) / (~pos).sum())
+
+
+def m_losses(model, batch, sample=True, death_weight=1.0):
+    """Mean losses over the valid, unpadded steps: (nll per step, win BCE, death BCE), and the death
     logits. batch: a dict of tensors, as load_sequences makes them (see there for the fields)."""
     mu, logvar = batch["mu"].float(), batch["logvar"].float()  # (B,L+1,Z) each; stored in float16
     z = mu + torch.randn_like(mu) * (0.5 * logvar).exp() if sample else mu  # (B,L+1,Z); Ha resamples z
-    mix, win_logit, done_logit, _ = model(z[:, :-1], batch["action"])
+    mix, win_logit, death_logit, _ = model(z[:, :-1], batch["action"])
     nll = (mdn_nll(*mix, z[:, 1:]) * batch["next_mask"]).sum() / batch["next_mask"].sum().clamp(min=1)
     win_bce = masked_bce(win_logit, batch["win"], batch["step_mask"])
-    done_bce = masked_bce(done_logit, batch["done"], batch["step_mask"])
-    return nll, win_bce, done_bce, done_logit
+    death_bce = masked_bce(death_logit, batch["death"], batch["step_mask"], death_weight)
+    return nll, win_bce, death_bce, death_logit
 
 
 @torch.no_grad()
-def sample_next(logit_pi, mu, log_sigma, win_logit, done_logit, tau=1.0):
-    """Sample z_{t+1} (B,Z), a win (B,) and done (B,) from M's outputs for one step (each (B,1,...)).
+def sample_next(logit_pi, mu, log_sigma, win_logit, death_logit, tau=1.0):
+    """Sample z_{t+1} (B,Z), a win (B,) and a death (B,) from M's outputs for one step (each (B,1,...)).
     Temperature tau (Ha): the mixture logits are divided by tau, the std scaled by sqrt(tau)."""
     logit_pi, mu, log_sigma = logit_pi[:, 0], mu[:, 0], log_sigma[:, 0]  # (B,Z,K)
     k = torch.distributions.Categorical(logits=logit_pi / max(tau, 1e-6)).sample()  # (B,Z)
     pick = lambda t: t.gather(-1, k.unsqueeze(-1)).squeeze(-1)  # (B,Z)
     z = pick(mu) + pick(log_sigma).exp() * math.sqrt(tau) * torch.randn_like(pick(mu))
-    return z, torch.bernoulli(torch.sigmoid(win_logit[:, 0])), torch.bernoulli(torch.sigmoid(done_logit[:, 0]))
+    return z, torch.bernoulli(torch.sigmoid(win_logit[:, 0])), torch.bernoulli(torch.sigmoid(death_logit[:, 0]))
 
 
 @torch.no_grad()
 def dream(model, policy, z, tau=1.0, max_steps=500):
     """M's dream as an environment (Ha & Schmidhuber, section 4), for a batch of N episodes at once: from V's z
     of real first frames (N,Z), policy(z (n,Z), h (n,H), idx (n,)) -> action indices (n,) plays the episodes
-    still going (idx: which); M samples each next z, a win and a done at temperature tau. An episode ends at a
-    sampled done or win, or at max_steps (leaper's cap: 500). Only LSTM and head steps: no convolution.
+    still going (idx: which); M samples each next z, a win and a death at temperature tau. An episode ends at a
+    sampled death or win, or at max_steps (leaper's cap: 500). Only LSTM and head steps: no convolution.
     -> returns (N,) (10 per win, as leaper pays), lengths (N,)."""
     n, z = len(z), z.clone()
     h, c = torch.zeros(2, 1, n, model.hidden).unbind()  # M's memory, each (1,N,H)
@@ -130,11 +138,11 @@ def dream(model, policy, z, tau=1.0, max_steps=500):
     for _ in range(max_steps):
         idx = alive.nonzero()[:, 0]  # (n,) the episodes still going
         a = policy(z[idx], h[0, idx], idx)  # (n,) action indices
-        mix, win_logit, done_logit, (h[:, idx], c[:, idx]) = model.step(z[idx], a, (h[:, idx], c[:, idx]))
-        z[idx], win, done = sample_next(*mix, win_logit, done_logit, tau)  # (n,Z), (n,), (n,)
+        mix, win_logit, death_logit, (h[:, idx], c[:, idx]) = model.step(z[idx], a, (h[:, idx], c[:, idx]))
+        z[idx], win, death = sample_next(*mix, win_logit, death_logit, tau)  # (n,Z), (n,), (n,)
         ret[idx] += 10 * win
         length[idx] += 1
-        alive[idx] = (win == 0) & (done == 0)
+        alive[idx] = (win == 0) & (death == 0)
         if not alive.any():
             break
     return ret, length
@@ -176,26 +184,24 @@ def encode_episodes(data, vae_path, latents):
         print(f"encode: {len(todo)} episodes, {n} frames, {n / (time.time() - t0):,.0f} frames/s")
 
 
-def pad(x, length):  # zero-pad x along its first axis to length
-    return np.pad(x, [(0, length - len(x))] + [(0, 0)] * (x.ndim - 1))
-
-
 def load_sequences(latents, seq_len, holdout):
     """Cut the encoded episodes into windows of seq_len steps (+1 frame for the last target), padded.
     Returns a dict of tensors, one row per window, and a held-out flag per window (N,):
       mu, logvar (N,L+1,Z) float16: V's encoding of the frames; action (N,L): index 0..4 taken at step t;
-      win (N,L): 1 where step t reached the finish (reward 10); done (N,L): 1 where the episode ended
-      after step t (death, win or timeout); step_mask (N,L): step t is real, not padding;
+      win (N,L): 1 where step t reached the finish (reward 10); death (N,L): 1 where step t killed the frog
+      (its episode's last step, without the win, before the 500-step cap); step_mask (N,L): step t is real, not padding;
       next_mask (N,L): z_{t+1} exists (not after the episode's last step)."""
-    from collect import fail
+    from collect import MAX_STEPS, fail
+    def pad(x, length):  # zero-pad x along its first axis to length
+        return np.pad(x, [(0, length - len(x))] + [(0, 0)] * (x.ndim - 1))
     files = sorted(f for f in os.listdir(latents) if f.endswith(".npz"))
     if not files:
         fail(f"{latents}: no encoded episodes")
-    cols = {k: [] for k in ("mu", "logvar", "action", "win", "done", "step_mask", "next_mask")}
-    held = []
+    cols, held = {k: [] for k in ("mu", "logvar", "action", "win", "death", "step_mask", "next_mask")}, []
     for k, name in enumerate(files):
         ep = read_latents(os.path.join(latents, name), ("mu", "logvar", "action", "reward", "done"))
-        T = len(ep["action"])
+        T = len(ep["action"])  # CRUCIAL: done also ends a win and the 500-step cap; death is only the rest
+        death = (np.arange(T) == T - 1) & ep["done"][-1] & (ep["reward"].sum() <= 0) & (T < MAX_STEPS)  # (T,)
         for s in range(0, T, seq_len):
             n = min(seq_len, T - s)  # steps in this window
             f = min(seq_len + 1, T - s)  # frames in this window (one more when the episode goes on)
@@ -203,7 +209,7 @@ def load_sequences(latents, seq_len, holdout):
             cols["logvar"].append(pad(ep["logvar"][s:s + f], seq_len + 1))
             cols["action"].append(pad(ep["action"][s:s + n].astype(np.int64), seq_len))
             cols["win"].append(pad((ep["reward"][s:s + n] > 0).astype(np.float32), seq_len))  # win = reward 10
-            cols["done"].append(pad(ep["done"][s:s + n].astype(np.float32), seq_len))
+            cols["death"].append(pad(death[s:s + n].astype(np.float32), seq_len))
             cols["step_mask"].append((np.arange(seq_len) < n).astype(np.float32))
             cols["next_mask"].append((np.arange(seq_len) < f - 1).astype(np.float32))
             held.append(holdout > 0 and k % holdout == holdout - 1)
@@ -212,30 +218,25 @@ def load_sequences(latents, seq_len, holdout):
 
 @torch.no_grad()
 def test_metrics(model, data, batch_size=256):
-    """Held-out NLL (z from mu, no resampling), done-head accuracy and recall, the always-'not done' baseline."""
+    """Held-out NLL (z from mu, no resampling), win and death BCE, and the AUC of the death logit over all steps."""
     model.eval()
     dev, sums, logits = next(model.parameters()).device, np.zeros(3), []
     for i in range(0, len(data["action"]), batch_size):  # in batches: the paper preset's at once took ~8 GB
         batch = {k: t[i:i + batch_size].to(dev) for k, t in data.items()}
-        nll, win_bce, done_bce, done_logit = m_losses(model, batch, sample=False)
+        nll, win_bce, death_bce, death_logit = m_losses(model, batch, sample=False)
         steps, nexts = batch["step_mask"].sum().item(), batch["next_mask"].sum().item()
-        sums += [nll.item() * nexts, win_bce.item() * steps, done_bce.item() * steps]  # means back to sums
-        logits.append(done_logit.cpu())
-    done_logit, done, mask = torch.cat(logits), data["done"], data["step_mask"].bool()
-    steps, nexts = data["step_mask"].sum().item(), max(data["next_mask"].sum().item(), 1)
-    nll, win_bce, done_bce = sums / [nexts, steps, steps]
-    acc = ((done_logit > 0).float() == done)[mask].float().mean().item()
-    recall = ((done_logit > 0) & (done > 0))[mask].sum().item() / max(done[mask].sum().item(), 1)
-    return dict(test_nll=nll, test_win_bce=win_bce, test_done_bce=done_bce, test_done_acc=acc,
-                test_done_recall=recall, always_not_done_acc=1 - done[mask].mean().item())
+        sums += [nll.item() * nexts, win_bce.item() * steps, death_bce.item() * steps]  # means back to sums
+        logits.append(death_logit.cpu())
+    mask = data["step_mask"].bool()  # (N,L)
+    nll, win_bce, death_bce = sums / [max(data["next_mask"].sum().item(), 1), mask.sum().item(), mask.sum().item()]
+    return dict(test_nll=nll, test_win_bce=win_bce, test_death_bce=death_bce,
+                test_death_auc=auc(torch.cat(logits)[mask].numpy(), data["death"][mask].numpy()))
 
 
 def train(cfg):
     from collect import fail
     from vae import identity, load_checkpoint, resume_point, save_atomic, start_training
-    if not os.path.exists(cfg.vae):
-        fail(f"--vae {cfg.vae}: no such checkpoint (train V with vae.py first)")
-    vae_id = load_checkpoint(cfg.vae).get("id", "")
+    vae_id = load_checkpoint(cfg.vae).get("id", "")  # a missing --vae: one error line
     ckpt = resume_point(cfg, made_from=dict(vae=vae_id))
     if ckpt and ckpt["epoch"] >= cfg.epochs:
         print(f"M: {cfg.out} already has {cfg.epochs} epochs, skipping")
@@ -251,7 +252,6 @@ def train(cfg):
     model, opt, epoch, step, dev = start_training(MDNRNN(z_dim, cfg.hidden, cfg.gaussians), cfg.lr, ckpt, cfg.device)
     print(f"M: {sum(p.numel() for p in model.parameters()):,} parameters, {n_train} training "
           f"sequences, {int(held.sum())} held-out; before training: {test_metrics(model, test_set)}")
-    log = os.path.splitext(cfg.out)[0] + ".jsonl"
     while epoch < cfg.epochs:
         model.train()
         t0, tot = time.time(), np.zeros(3)
@@ -260,26 +260,26 @@ def train(cfg):
         for i in tqdm(range(0, n_train, cfg.batch_size), desc=f"M epoch {epoch + 1}/{cfg.epochs}", unit="batch",
                       disable=None):  # disable=None: a bar on a terminal, none in a log file
             batch = {k: t[perm[i:i + cfg.batch_size]].to(dev) for k, t in data.items()}
-            nll, win_bce, done_bce, _ = m_losses(model, batch)
-            if not torch.isfinite(nll + win_bce + done_bce):
+            nll, win_bce, death_bce, _ = m_losses(model, batch, death_weight=cfg.death_weight)
+            if not torch.isfinite(nll + win_bce + death_bce):
                 fail(f"M's loss is not finite at epoch {epoch + 1}, step {step + 1}; the last good checkpoint is "
                      f"{cfg.out} (epoch {epoch}): lower --lr and run again with --resume")
             opt.zero_grad()
-            (nll + win_bce + done_bce).backward()
+            (nll + win_bce + death_bce).backward()
             nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
             step += 1
-            tot += np.array([nll.item(), win_bce.item(), done_bce.item()])
+            tot += np.array([nll.item(), win_bce.item(), death_bce.item()])
         epoch += 1
         nb = math.ceil(n_train / cfg.batch_size)
-        row = dict(epoch=epoch, step=step, nll=tot[0] / nb, win_bce=tot[1] / nb, done_bce=tot[2] / nb,
+        row = dict(epoch=epoch, step=step, nll=tot[0] / nb, win_bce=tot[1] / nb, death_bce=tot[2] / nb,
                    **test_metrics(model, test_set),
                    steps_per_s=float(data["step_mask"][train_idx].sum()) / (time.time() - t0))
         print("M " + " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
         config = dataclasses.asdict(cfg)
         save_atomic(dict(model=model.state_dict(), optimizer=opt.state_dict(), config=config, z_dim=z_dim, epoch=epoch,
                          step=step, made_from=dict(vae=vae_id), id=identity(config, epoch=epoch, vae=vae_id)), cfg.out)
-        with open(log, "a") as f:
+        with open(os.path.splitext(cfg.out)[0] + ".jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
     return model.cpu()
 

@@ -230,12 +230,12 @@ def test_vae_resume_continues_training(tmp_path):
 
 # ---------------------------------------------------------------- mdnrnn.py
 
-def m_with_heads(win_p, done_p, z_dim=4, hidden=8):
-    """A tiny M whose win and done heads give fixed probabilities (their weights zeroed, biases set)."""
+def m_with_heads(win_p, death_p, z_dim=4, hidden=8):
+    """A tiny M whose win and death heads give fixed probabilities (their weights zeroed, biases set)."""
     m = mdnrnn.MDNRNN(z_dim, hidden, 2).eval()
     with torch.no_grad():
         m.head.weight[-2:] = 0
-        m.head.bias[-2:] = torch.tensor([win_p, done_p]).logit()
+        m.head.bias[-2:] = torch.tensor([win_p, death_p]).logit()
     return m
 
 
@@ -247,7 +247,7 @@ def test_dream_shapes_probabilities_and_cap():
     ret, length = mdnrnn.dream(m_with_heads(1 - 1e-6, 1e-9), up, torch.zeros(5, 4))
     assert ret.tolist() == [10.0] * 5 and length.tolist() == [1] * 5  # a sampled win pays 10 and ends it
     ret, length = mdnrnn.dream(m_with_heads(1e-9, 0.1), up, torch.zeros(4000, 4), max_steps=500)
-    assert abs(length.float().mean().item() - 10) < 0.6 and ret.sum() == 0  # done ~ Bernoulli(0.1): mean 10
+    assert abs(length.float().mean().item() - 10) < 0.6 and ret.sum() == 0  # death ~ Bernoulli(0.1): mean 10
 
 
 def test_dream_at_tau_near_zero_is_deterministic():
@@ -275,10 +275,10 @@ def test_c_trained_in_a_dream_raises_its_dream_return():
         action = torch.randint(0, 5, (64, 8))
         win = (action == collect.UP).float()
         batch = dict(mu=torch.randn(64, 9, 4), logvar=torch.full((64, 9, 4), -4.0), action=action, win=win,
-                     done=torch.zeros(64, 8), step_mask=torch.ones(64, 8), next_mask=torch.ones(64, 8))
-        nll, win_bce, done_bce, _ = mdnrnn.m_losses(m, batch)
+                     death=torch.zeros(64, 8), step_mask=torch.ones(64, 8), next_mask=torch.ones(64, 8))
+        nll, win_bce, death_bce, _ = mdnrnn.m_losses(m, batch)
         opt.zero_grad()
-        (nll + win_bce + done_bce).backward()
+        (nll + win_bce + death_bce).backward()
         opt.step()
     m.eval()
     z0 = torch.randn(16, 4)
@@ -305,7 +305,7 @@ def test_mdn_nll_matches_torch_distributions():
 
 
 def synthetic_batch(B=16, L=10, Z=3, pad=0, seed=0):
-    """Sequences where z_{t+1} = 0.9 roll(z_t) + an action-dependent shift, done when action == 4, win
+    """Sequences where z_{t+1} = 0.9 roll(z_t) + an action-dependent shift, death when action == 4, win
     when action == 3, in m_losses' batch layout; `pad` extra masked steps at the end."""
     g = torch.Generator().manual_seed(seed)
     action = torch.randint(0, 5, (B, L + pad), generator=g)
@@ -315,7 +315,7 @@ def synthetic_batch(B=16, L=10, Z=3, pad=0, seed=0):
     mu = torch.stack(z, 1)  # (B,L+pad+1,Z)
     step = (torch.arange(L + pad) < L).float().expand(B, -1).clone()
     return dict(mu=mu, logvar=torch.full_like(mu, -20.0), action=action, win=(action == 3).float(),
-                done=(action == 4).float(), step_mask=step, next_mask=step.clone())
+                death=(action == 4).float(), step_mask=step, next_mask=step.clone())
 
 
 def test_padding_does_not_change_the_loss():
@@ -346,7 +346,7 @@ def test_tiny_m_learns_dynamics_and_heads():
     nll, r, d, d_logit = mdnrnn.m_losses(m, synthetic_batch(B=64, seed=1), sample=False)  # new sequences
     assert nll.item() < start[0] - 8 and nll.item() < 0  # sharp density: a negative NLL is normal
     assert r.item() < 0.3 and d.item() < 0.3, (r.item(), d.item())  # from ~0.69 = a coin flip
-    assert ((d_logit > 0).float() == synthetic_batch(B=64, seed=1)["done"]).float().mean() > 0.9  # base rate 0.8
+    assert ((d_logit > 0).float() == synthetic_batch(B=64, seed=1)["death"]).float().mean() > 0.9  # base rate 0.8
     # the mean of the most likely component predicts z_{t+1}
     test = synthetic_batch(B=8, seed=2)
     (logit_pi, mu, _), _, _, _ = m(test["mu"][:, :-1], test["action"])
@@ -357,9 +357,9 @@ def test_tiny_m_learns_dynamics_and_heads():
 
 def test_tau_to_zero_samples_the_most_likely_mean():
     logit_pi, mu, log_sigma = torch.randn(4, 1, 3, 5), torch.randn(4, 1, 3, 5), torch.zeros(4, 1, 3, 5)
-    z, win, done = mdnrnn.sample_next(logit_pi, mu, log_sigma, torch.zeros(4, 1), torch.full((4, 1), -50.0), tau=1e-8)
+    z, win, death = mdnrnn.sample_next(logit_pi, mu, log_sigma, torch.zeros(4, 1), torch.full((4, 1), -50.0), tau=1e-8)
     expected = mu.gather(-1, logit_pi.argmax(-1, keepdim=True)).squeeze(-1)[:, 0]  # (4,3)
-    assert torch.allclose(z, expected, atol=1e-3) and not done.any()
+    assert torch.allclose(z, expected, atol=1e-3) and not death.any()
     z1 = mdnrnn.sample_next(logit_pi, mu, log_sigma, torch.zeros(4, 1), torch.zeros(4, 1), tau=1.0)[0]
     assert z1.shape == (4, 3) and not torch.allclose(z1, expected, atol=1e-3)
 
@@ -388,6 +388,53 @@ def test_m_trains_on_encoded_episodes(tiny_run):
         assert d["mu"].shape == (len(ep["action"]), 8) and np.array_equal(d["action"], ep["action"])
     data, held = mdnrnn.load_sequences(str(tiny_run / "latents"), 32, 20)
     assert data["step_mask"].sum() == sum(len(np.load(f)["action"]) for f in lat)  # every step once
+
+
+def test_death_labels_exclude_wins_and_the_cap(tmp_path):
+    """M's death target is procgen's done minus the win and the 500-step cap (both also end an episode)."""
+    def episode(name, T, won):
+        reward, done = np.zeros(T, np.float32), np.zeros(T, bool)
+        reward[-1], done[-1] = 10.0 * won, True
+        np.savez(tmp_path / name, mu=np.zeros((T, 2), np.float16), logvar=np.zeros((T, 2), np.float16),
+                 action=np.zeros(T, np.int8), reward=reward, done=done)
+    episode("a_death.npz", 7, False)
+    episode("b_win.npz", 9, True)
+    episode("c_cap.npz", collect.MAX_STEPS, False)
+    data, _ = mdnrnn.load_sequences(str(tmp_path), 8, 0)
+    assert data["death"].sum() == 1 and data["death"][0, 6] == 1  # only the first episode's last step
+    assert data["win"].sum() == 1 and data["win"][2, 0] == 1  # b's step 8: its second window (the third row)
+
+
+def test_death_weight_is_torch_pos_weight():
+    logit, target, mask = torch.randn(4, 6), (torch.rand(4, 6) < 0.2).float(), (torch.rand(4, 6) < 0.8).float()
+    ref = F.binary_cross_entropy_with_logits(logit, target, pos_weight=torch.tensor(7.0), reduction="none")
+    assert torch.allclose(mdnrnn.masked_bce(logit, target, mask, 7.0), (ref * mask).sum() / mask.sum())
+
+
+def test_m_imagines_which_up_kills():
+    """Synthetic hop-then-wait: an UP kills one step later exactly when z[0] > 0 (z stays). M learns it from death
+    labels; danger.imagine_death, which dreams the UP and the wait, ranks new deadly UPs above safe ones, and more
+    than M's next-step death alone does (the death comes a step later)."""
+    torch.manual_seed(0)
+    m, g = mdnrnn.MDNRNN(3, 16, 2), torch.Generator().manual_seed(0)
+    opt = torch.optim.Adam(m.parameters(), lr=1e-2)
+    def batch(B):
+        z0 = torch.randn(B, 1, 3, generator=g)
+        action = torch.full((B, 4), collect.NONE)
+        action[:, 0] = collect.UP
+        death = torch.zeros(B, 4)
+        death[:, 1] = (z0[:, 0, 0] > 0).float()
+        return dict(mu=z0.expand(B, 5, 3).clone(), logvar=torch.full((B, 5, 3), -20.0), action=action,
+                    win=torch.zeros(B, 4), death=death, step_mask=torch.ones(B, 4), next_mask=torch.ones(B, 4))
+    for _ in range(200):
+        loss = sum(mdnrnn.m_losses(m, batch(64), death_weight=2.0)[:3])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    test = batch(200)
+    p_next, p_wait = danger.imagine_death(m.eval(), test["mu"][:, 0], None, torch.full((200,), 4))
+    y = test["death"][:, 1].numpy()
+    assert mdnrnn.auc(p_wait.numpy(), y) > 0.95 and mdnrnn.auc(p_next.numpy(), y) < mdnrnn.auc(p_wait.numpy(), y)
 
 
 # ---------------------------------------------------------------- controller.py
@@ -678,7 +725,8 @@ def test_wilson_and_summarize():
 
 
 def test_cli_json_and_pictures(tiny_run, capsys, one_torch_thread):
-    argv = ["--run", str(tiny_run), "--episodes", "12", "--json", "--pictures", "true", "--gif-episodes", "1"]
+    argv = ["--run", str(tiny_run), "--episodes", "12", "--json", "--pictures", "true", "--gif-episodes", "1",
+            "--death-steps", "640"]
     evaluate.main(collect.cli(evaluate.EvalConfig, argv))
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])  # the JSON is the last line
     assert (res["distribution_mode"], res["seed"], res["episodes"]) == ("easy", TEST_SEED, 12)
@@ -688,6 +736,7 @@ def test_cli_json_and_pictures(tiny_run, capsys, one_torch_thread):
         assert r["mean_return"] == pytest.approx(10 * r["win_rate"]) and 1 <= r["mean_length"] <= collect.MAX_STEPS
     for name in ("agent.gif", "reconstructions.png", "dream.gif", "curves.png"):
         assert (tiny_run / name).stat().st_size > 0
+    assert res["death_probe"]["ups"] > 0 and res["death_probe"]["d_auc"] is None  # printed; this run has no D
     with pytest.raises(SystemExit) as e:  # a dir without checkpoints: one error line naming the first missing
         evaluate.main(collect.cli(evaluate.EvalConfig, ["--run", str(tiny_run / "data")]))
     assert str(e.value).startswith("error: ") and "vae.pt" in str(e.value) and "\n" not in str(e.value)
@@ -713,7 +762,20 @@ def test_hop_then_wait_labels_and_auc():
     assert np.array_equal(danger.hop_then_wait("easy", 3000, 16, seed=0)[1], y)  # same seed, same data
     score = np.random.default_rng(0).normal(size=len(y)) + y  # deaths score higher on average
     pairs = [(a > b) + 0.5 * (a == b) for a in score[y > 0] for b in score[y == 0]]  # brute force
-    assert danger.auc(score, y) == pytest.approx(np.mean(pairs))
+    assert mdnrnn.auc(score, y) == pytest.approx(np.mean(pairs))
+
+
+def test_death_probe_scores_every_up_of_held_out_levels(tiny_run):
+    """death_probe plays the same hop-then-wait as D's data (same seed, same UPs), scoring each UP with D and with
+    V + M: its D AUC is D's AUC over hop_then_wait's frame pairs."""
+    torch.manual_seed(0)
+    d, v, m = danger.DangerNet().eval(), vae.load_vae(str(tiny_run / "vae.pt")), mdnrnn.load_mdnrnn(str(tiny_run / "mdnrnn.pt"))
+    r = danger.death_probe(v, m, d, "easy", steps=1600, num_envs=16, seed=5)
+    X, y = danger.hop_then_wait("easy", 1600, 16, seed=5)
+    assert r["ups"] == len(y) > 20 and r["deadly"] == pytest.approx(y.mean())
+    assert r["d_auc"] == pytest.approx(mdnrnn.auc(danger.scores(d, X, np.arange(len(y))).numpy(), y), abs=1e-6)
+    assert 0 <= r["m_auc"] <= 1 and 0 <= r["m_auc_next_step"] <= 1
+    assert danger.death_probe(v, m, None, "easy", steps=160, num_envs=16, seed=5)["d_auc"] is None
 
 
 def test_danger_trains_saves_and_refuses_to_overwrite(tmp_path):
@@ -922,7 +984,7 @@ def test_workers_that_keep_dying_stop_the_run_with_one_line(tiny_run, tmp_path, 
 TINY = {"collect.py": "--episodes 24 --num-envs 8", "vae.py": "--z-dim 64 --epochs 1 --batch-size 64",
         "mdnrnn.py": "--hidden 16 --gaussians 2 --epochs 1", "danger.py": "--steps 4096 --num-envs 32 --epochs 1",
         "controller.py": "--generations 1 --popsize 4 --levels 2 --eval-every 1 --eval-levels 2 --workers 1",
-        "evaluate.py": "--episodes 8 --pictures false"}
+        "evaluate.py": "--episodes 8 --pictures false --death-steps 640"}
 
 
 def test_the_readmes_stage_by_stage_commands_chain(tmp_path):
