@@ -98,7 +98,7 @@ def hop_then_wait(distribution_mode, steps, num_envs, seed, record=pair):
                 Y.append(float(rew[i] <= 0))  # the episode ended without the prize: the UP killed
             pending[i], wait[i] = None, 0
         last, obs = np.where(first[:, None, None, None], new["rgb"], obs), new["rgb"]
-    return np.stack(X), np.array(Y, dtype=np.float32)
+    return (np.stack(X) if X else np.empty((0, *item.shape[1:]), item.dtype)), np.array(Y, dtype=np.float32)
 
 
 def scores(model, X, idx, batch=512):
@@ -172,6 +172,7 @@ def imagine_death(mdn, z, state, wait):
 def death_probe(vae, mdn, danger=None, distribution_mode="easy", steps=50_000, num_envs=64, seed=1_000_003):
     """The test of "this UP kills" on levels no training step saw (seed: evaluate.py's held-out stream): every
     UP of hop-then-wait play scored by D (its logit) and by V and M (imagine_death); -> the AUC of each."""
+    num_envs = min(num_envs, steps)  # at least one step of every env
     state = torch.zeros(2, 1, num_envs, mdn.hidden).unbind()  # M's memory (h, c), each (1,n,H)
 
     def record(obs, last, a, wait, first):  # every step: V encodes, M remembers; the UPs get scored
@@ -186,7 +187,7 @@ def death_probe(vae, mdn, danger=None, distribution_mode="easy", steps=50_000, n
         state = mdn.advance(z, torch.from_numpy(a), state)
         return out
     S, y = hop_then_wait(distribution_mode, steps, num_envs, seed, record)  # (N,3), (N,)
-    return dict(ups=len(y), deadly=float(y.mean()), d_auc=auc(S[:, 0], y) if danger is not None else None,
+    return dict(ups=len(y), deadly=float(y.mean()) if len(y) else float("nan"), d_auc=auc(S[:, 0], y) if danger is not None else None,
                 m_auc=auc(S[:, 2], y), m_auc_next_step=auc(S[:, 1], y))
 
 

@@ -776,6 +776,7 @@ def test_death_probe_scores_every_up_of_held_out_levels(tiny_run):
     assert r["d_auc"] == pytest.approx(mdnrnn.auc(danger.scores(d, X, np.arange(len(y))).numpy(), y), abs=1e-6)
     assert 0 <= r["m_auc"] <= 1 and 0 <= r["m_auc_next_step"] <= 1
     assert danger.death_probe(v, m, None, "easy", steps=160, num_envs=16, seed=5)["d_auc"] is None
+    assert danger.death_probe(v, m, d, "easy", steps=3, seed=5)["ups"] == 0  # too short for an UP to end: no crash
 
 
 def test_danger_trains_saves_and_refuses_to_overwrite(tmp_path):
