@@ -187,7 +187,8 @@ def death_probe(vae, mdn, danger=None, distribution_mode="easy", steps=50_000, n
         state = mdn.advance(z, torch.from_numpy(a), state)
         return out
     S, y = hop_then_wait(distribution_mode, steps, num_envs, seed, record)  # (N,3), (N,)
-    return dict(ups=len(y), deadly=float(y.mean()) if len(y) else float("nan"), d_auc=auc(S[:, 0], y) if danger is not None else None,
+    return dict(ups=len(y), deadly=float(y.mean()) if len(y) else float("nan"),
+                d_auc=auc(S[:, 0], y) if danger is not None else None,
                 m_auc=auc(S[:, 2], y), m_auc_next_step=auc(S[:, 1], y))
 
 

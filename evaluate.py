@@ -279,9 +279,10 @@ def main(cfg):
         d_path = os.path.join(cfg.run, "danger.pt")
         d = agent.danger or (load_danger(d_path) if os.path.exists(d_path) else None)
         probe = death_probe(agent.vae, agent.mdn, d, mode, cfg.death_steps, seed=cfg.seed)
-        print(f"does this UP kill? {probe['ups']} UPs of hop-then-wait play ({probe['deadly']:.1%} deadly), AUC: D "
-              + ("-" if d is None else f"{probe['d_auc']:.3f}") + f", V+M {probe['m_auc']:.3f} (imagining the UP and the "
-              f"wait; M's next step alone {probe['m_auc_next_step']:.3f})")
+        d_auc = "-" if d is None else f"{probe['d_auc']:.3f}"
+        print(f"does this UP kill? {probe['ups']} UPs of hop-then-wait play ({probe['deadly']:.1%} deadly), "
+              f"AUC: D {d_auc}, V+M {probe['m_auc']:.3f} (imagining the UP and the wait; "
+              f"M's next step alone {probe['m_auc_next_step']:.3f})")
     if cfg.pictures:
         for path in pictures(agent, cfg, mode):
             print(f"wrote {path}")

@@ -38,7 +38,7 @@ class MDNConfig:
     epochs: int = 30  # passes over the training sequences (held-out NLL 44.5 at 10, 32.4 at 30: default easy data)
     lr: float = 1e-3  # Adam learning rate
     grad_clip: float = 1.0  # gradient norm clipping
-    death_weight: float = 1.0  # weight of the rare death steps in the death BCE (>1: M learns them harder, dreams kill more)
+    death_weight: float = 1.0  # weight of the rare death steps in the death BCE (>1: learnt harder, dreams kill more)
     holdout: int = 20  # every holdout-th episode is kept out of training, for the test numbers
     seed: int = 0  # seeds torch and the shuffling
     resume: bool = False  # continue from --out instead of refusing to overwrite it

@@ -61,7 +61,7 @@ class TrainConfig:
     pool: Literal["process", "ray"] = "process"  # where C's rollouts run: local processes or Ray (a cluster)
     device: Literal["auto", "cpu", "cuda"] = "auto"  # where V, M and D train (auto: the GPU if torch sees one)
     eval_episodes: int = 1000  # held-out episodes of the final summary (0 = skip it)
-    death_steps: int = 50_000  # hop-then-wait env steps of the summary's "does this UP kill?" test of D and V+M (0: none)
+    death_steps: int = 50_000  # hop-then-wait steps of the summary's "does this UP kill?" test of D and V+M (0: none)
     export: str = ""  # after training, copy the agent's weights (float16, no optimizer) to this new dir
 
     def __post_init__(self):  # the stages' own checks would come only when each starts: check all here
