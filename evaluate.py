@@ -277,7 +277,7 @@ def main(cfg):
     probe = None
     if cfg.death_steps:  # D's and the world model's answer on the same UPs of levels no training step saw
         d_path = os.path.join(cfg.run, "danger.pt")
-        d = agent.danger or (load_danger(d_path) if os.path.exists(d_path) else None)
+        d = agent.danger if agent.danger is not None else load_danger(d_path) if os.path.exists(d_path) else None
         probe = death_probe(agent.vae, agent.mdn, d, mode, cfg.death_steps, seed=cfg.seed)
         d_auc = "-" if d is None else f"{probe['d_auc']:.3f}"
         print(f"does this UP kill? {probe['ups']} UPs of hop-then-wait play ({probe['deadly']:.1%} deadly), "
