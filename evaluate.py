@@ -84,14 +84,17 @@ class RandomPolicy:
         return ACTIONS[self.next()]
 
 
-class AlwaysUp:
-    """Baseline: hop forward every step."""
+class Always:
+    """Baseline: one action every step (the default, UP: hop forward)."""
+
+    def __init__(self, action=UP):
+        self.action = action  # an index into ACTIONS
 
     def reset(self, num_envs):
         pass
 
     def act(self, obs, first, alive=None):
-        return np.full(len(obs), ACTIONS[UP])
+        return np.full(len(obs), ACTIONS[self.action])
 
 
 def play(policy, episodes, seed, distribution_mode, record=False, desc="play"):
@@ -267,7 +270,7 @@ def main(cfg):
     if mode not in ("easy", "hard"):
         fail(f"--distribution-mode {mode!r}: expected easy or hard")
     results = {name: summarize(*play(policy, cfg.episodes, cfg.seed, mode, desc=name)) for name, policy in
-               (("agent", agent), ("random", RandomPolicy(cfg.seed)), ("always_up", AlwaysUp()))}
+               (("agent", agent), ("random", RandomPolicy(cfg.seed)), ("always_up", Always(UP)))}
     print(f"{cfg.run}: {cfg.episodes} {mode} levels of seed {cfg.seed} per policy")
     print(f"{'policy':<10} {'episodes':>8} {'win rate':>8}  {'95% CI':<16} {'mean return':>11} {'mean length':>11}")
     for name, r in results.items():
@@ -279,10 +282,9 @@ def main(cfg):
         d_path = os.path.join(cfg.run, "danger.pt")
         d = agent.danger if agent.danger is not None else load_danger(d_path) if os.path.exists(d_path) else None
         probe = death_probe(agent.vae, agent.mdn, d, mode, cfg.death_steps, seed=cfg.seed)
-        d_auc = "-" if d is None else f"{probe['d_auc']:.3f}"
         print(f"does this UP kill? {probe['ups']} UPs of hop-then-wait play ({probe['deadly']:.1%} deadly), "
-              f"AUC: D {d_auc}, V+M {probe['m_auc']:.3f} (imagining the UP and the wait; "
-              f"M's next step alone {probe['m_auc_next_step']:.3f})")
+              f"AUC: D {'-' if d is None else format(probe['d_auc'], '.3f')}, V+M {probe['m_auc']:.3f} "
+              f"(imagining the UP and the wait; M's next step alone {probe['m_auc_next_step']:.3f})")
     if cfg.pictures:
         for path in pictures(agent, cfg, mode):
             print(f"wrote {path}")

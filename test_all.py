@@ -669,7 +669,7 @@ def test_agent_plays_exactly_like_the_training_rollout(tiny_run, one_torch_threa
 
 def test_always_up_wins_a_third_of_easy_levels():
     """Measured: 32.8% over 2000 held-out easy levels; 300 episodes have std 2.7%: tolerance 3 std."""
-    returns, lengths = evaluate.play(evaluate.AlwaysUp(), 300, TEST_SEED, "easy")
+    returns, lengths = evaluate.play(evaluate.Always(), 300, TEST_SEED, "easy")
     s = evaluate.summarize(returns, lengths)
     assert abs(s["win_rate"] - 0.328) < 0.08, s
     assert s["mean_return"] == pytest.approx(10 * s["win_rate"])
@@ -688,7 +688,7 @@ def test_lookahead_ceiling_wins_where_always_up_dies():
     """The cheating ceiling (96% on 200 held-out easy levels) must beat always-UP on the same levels,
     and cloning the state must leave the played env untouched: same result twice."""
     lookahead = load_probe("probe_lookahead").lookahead
-    up, _ = evaluate.play(evaluate.AlwaysUp(), 10, TEST_SEED, "easy")
+    up, _ = evaluate.play(evaluate.Always(), 10, TEST_SEED, "easy")
     la, lengths = evaluate.play(lookahead("easy"), 10, TEST_SEED, "easy")
     assert (la == 10).sum() >= 8 and (la == 10).sum() > (up == 10).sum() + 3, (la, up)
     assert np.array_equal(evaluate.play(lookahead("easy"), 10, TEST_SEED, "easy")[1], lengths)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo's modules
 from collect import ACTIONS, NONE, UP, cli  # noqa: E402
 from danger import DangerNet, auc, hop_then_wait  # noqa: E402
-from evaluate import AlwaysUp, play, summarize  # noqa: E402
+from evaluate import Always, play, summarize  # noqa: E402
 from vae import encode, load_vae  # noqa: E402
 
 
@@ -85,7 +85,7 @@ if __name__ == "__main__":
     fit("pixels, CNN", cnn, lambda b: torch.from_numpy(X[b]).permute(0, 3, 1, 2).float() / 255, y, test, cfg.cnn_epochs)
     cnn.eval()
     test_seed, mode = 1_000_003, cfg.distribution_mode
-    up = summarize(*play(AlwaysUp(), cfg.test_episodes, test_seed, mode, desc="always-UP"))
+    up = summarize(*play(Always(), cfg.test_episodes, test_seed, mode, desc="always-UP"))
     print(f"always-UP on {cfg.test_episodes} held-out levels: {up['win_rate']:.1%}")
     for threshold in (0.3, 0.5, 0.7):
         r = summarize(*play(danger_rule(cnn, threshold), cfg.test_episodes, test_seed, mode, desc="rule"))

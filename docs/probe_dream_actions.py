@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo's modules
-from collect import ACTION_NAMES, ACTIONS, MAX_STEPS, NONE, UP, cli, make_env  # noqa: E402
-from evaluate import play  # noqa: E402
+from collect import ACTION_NAMES, MAX_STEPS, NONE, UP, cli, make_env  # noqa: E402
+from evaluate import Always, play  # noqa: E402
 from mdnrnn import dream, load_mdnrnn  # noqa: E402
 from vae import load_vae, to_input  # noqa: E402
 
@@ -30,19 +30,6 @@ class ProbeConfig:
     seed: int = 1_000_003  # level stream (evaluate.py's held-out one); also seeds the dream's sampling
 
 
-class Fixed:
-    """One action forever, as evaluate.py's policies are played."""
-
-    def __init__(self, action):
-        self.action = action
-
-    def reset(self, num_envs):
-        pass
-
-    def act(self, obs, first, alive=None):
-        return np.full(len(obs), ACTIONS[self.action])
-
-
 def main(cfg):
     vae, mdn = load_vae(os.path.join(cfg.run, "vae.pt")), load_mdnrnn(os.path.join(cfg.run, "mdnrnn.pt"))
     z0 = vae.encode(to_input(make_env(cfg.episodes, cfg.distribution_mode, seed=cfg.seed).observe()[1]["rgb"]))[0]
@@ -52,7 +39,7 @@ def main(cfg):
         for a in (UP, NONE, ACTION_NAMES.index("LEFT")):
             torch.manual_seed(cfg.seed)
             ret, length = dream(mdn, lambda z, h, idx: torch.full((len(z),), a), z0, cfg.tau, MAX_STEPS)
-            real_ret, real_len = play(Fixed(a), cfg.episodes, cfg.seed, cfg.distribution_mode, desc=ACTION_NAMES[a])[:2]
+            real_ret, real_len = play(Always(a), cfg.episodes, cfg.seed, cfg.distribution_mode, desc=ACTION_NAMES[a])[:2]
             print(f"{ACTION_NAMES[a]:<8} {(ret > 0).float().mean().item():>9.1%} {length.float().mean().item():>9.1f} "
                   f"{(real_ret > 0).mean():>8.1%} {real_len.mean():>8.1f}")
 

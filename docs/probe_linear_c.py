@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # docs/, for the look-ahead probe
 from collect import ACTIONS, UP, cli  # noqa: E402
 from controller import Agent, features  # noqa: E402
-from evaluate import AlwaysUp, play, summarize  # noqa: E402
+from evaluate import Always, play, summarize  # noqa: E402
 from mdnrnn import load_mdnrnn  # noqa: E402
 from probe_lookahead import lookahead  # noqa: E402
 from vae import encode, load_vae  # noqa: E402
@@ -86,7 +86,7 @@ if __name__ == "__main__":
     print(f"{len(y)} steps; the look-ahead's actions: " + ", ".join(f"{n} {f:.0%}" for n, f in zip(
         ("LEFT", "DOWN", "none", "UP", "RIGHT"), np.bincount(y.numpy(), minlength=len(ACTIONS)) / len(y))))
     test_seed = 1_000_003
-    up = summarize(*play(AlwaysUp(), cfg.test_episodes, test_seed, cfg.distribution_mode, desc="always-UP"))
+    up = summarize(*play(Always(), cfg.test_episodes, test_seed, cfg.distribution_mode, desc="always-UP"))
     print(f"always-UP on {cfg.test_episodes} held-out levels: {up['win_rate']:.1%}")
     for inputs in cfg.inputs.split(","):
         X = features(z, h, inputs)  # (N,n_features)

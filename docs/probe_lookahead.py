@@ -16,7 +16,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo's modules
 from collect import ACTION_NAMES, ACTIONS, NONE, cli, make_env  # noqa: E402
-from evaluate import AlwaysUp, EvalConfig, play, summarize  # noqa: E402
+from evaluate import Always, EvalConfig, play, summarize  # noqa: E402
 
 
 @dataclass
@@ -54,7 +54,7 @@ def lookahead(distribution_mode, horizon=8):
 
 if __name__ == "__main__":
     cfg = cli(LookaheadConfig)
-    for name, policy in (("look-ahead", lookahead(cfg.distribution_mode, cfg.horizon)), ("always-UP", AlwaysUp())):
+    for name, policy in (("look-ahead", lookahead(cfg.distribution_mode, cfg.horizon)), ("always-UP", Always())):
         r = summarize(*play(policy, cfg.episodes, cfg.seed, cfg.distribution_mode, desc=name))
         print(f"{name:<10} {cfg.distribution_mode}, {r['episodes']} held-out levels: {r['win_rate']:.1%} wins "
               "[{:.1%}, {:.1%}]".format(*r["ci95"]) + f", mean length {r['mean_length']:.1f}")
