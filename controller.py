@@ -1,7 +1,8 @@
 """C: the controller of World Models (Ha & Schmidhuber 2018, section 2.3), one linear layer + sigmoid on [z_t, h_t]
 -> 5 action scores, trained by CMA-ES (`cma`) on the real game or in M's dream (section 4). With --inputs zhd (the
-default) it also reads D's logit of "this UP is deadly" (danger.py) and starts at the controller D implies. Real
-rollouts are batched (a level's env holds a copy per candidate) and split over processes (or Ray's, on a cluster).
+default) it also reads D's logit of "this UP is deadly" (danger.py), with zhm M's (its hop head on V's z), and starts
+at the controller that logit implies: "UP iff it is < 0". Real rollouts are batched (a level's env holds a copy
+per candidate) and split over processes (or Ray's, on a cluster).
 
     python controller.py                          # runs/vae.pt, mdnrnn.pt, danger.pt -> runs/controller.pt
     python controller.py --inputs zh --out runs/controller_zh.pt     # Ha's C on [z, h], without D
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from collect import ACTIONS, MAX_STEPS, NONE, check_flags, cli, fail, interruptible, make_env
+from collect import ACTIONS, MAX_STEPS, NONE, UP, check_flags, cli, fail, interruptible, make_env
 from danger import load_danger, start_point
 from mdnrnn import dream, load_mdnrnn
 from vae import identity, load_checkpoint, load_vae, resume_point, save_atomic, to_input
@@ -36,13 +37,13 @@ class CConfig:
     danger: str = "runs/danger.pt"  # trained D (danger.py), read only when --inputs has d
     out: str = "runs/controller.pt"  # checkpoint (best parameters + CMA-ES history); a .jsonl log beside it
     distribution_mode: Literal["easy", "hard"] = "easy"  # procgen difficulty the controller is trained on
-    inputs: Literal["z", "zh", "zhd"] = "zhd"  # what C reads: z, [z, h] (Ha's C), or [z, h] and D's logit d
+    inputs: Literal["z", "zh", "zhd", "zhm"] = "zhd"  # C reads z, [z, h] (Ha's) or [z, h] + D's (d) or M's (m) logit
     generations: int = 30  # CMA-ES generations (ask -> evaluate -> tell)
     popsize: int = 32  # candidates per generation
     levels: int = 16  # episodes per candidate per generation: the same new levels for all candidates
     max_steps: int = 250  # fitness episodes stop here (easy wins take 25-100 steps; the game's cap is 500)
     sigma0: float = 0.5  # initial CMA-ES step size
-    danger_prior: float = 1.0  # with d: start at "UP iff D's logit < 0, else no-op" (0: start at zero)
+    danger_prior: float = 1.0  # with d or m: start at "UP iff its logit < 0, else no-op" (0: start at zero)
     diagonal: int = 1000  # above this many parameters use the diagonal (sep-)CMA, O(n) per step
     controller_env: Literal["real", "dream"] = "real"  # where candidates are scored: the game or M's dream (Ha §4)
     temperature: float = 1.15  # the dream's tau: M samples at this temperature (Ha: 1.15 for Doom)
@@ -57,18 +58,18 @@ class CConfig:
     def __post_init__(self):
         check_flags(self, at_least=dict(generations=1, popsize=2, levels=1, max_steps=1, eval_every=1, eval_levels=1,
                                         workers=0, dream_episodes=1), above=dict(sigma0=0, temperature=0))
-        if self.controller_env == "dream" and "d" in self.inputs:
-            fail(f"--controller-env dream with --inputs {self.inputs}: D reads frames and a dream has none (z or zh)")
+        if self.controller_env == "dream" and self.inputs[-1] in "dm":
+            fail(f"--controller-env dream with --inputs {self.inputs}: the dream gives C only z and h (z, zh)")
 
 
 def input_sizes(inputs, z_dim, hidden):
-    return {k: dict(z=z_dim, h=hidden, d=1)[k] for k in inputs}  # in C's input order, e.g. {"z": 128, "h": 256, "d": 1}
+    return {k: dict(z=z_dim, h=hidden, d=1, m=1)[k] for k in inputs}  # in C's order, e.g. {"z": 128, "h": 256, "d": 1}
 
 
 def features(z, h, inputs, danger=None):
-    """C's input: z (n,Z), M's hidden state h (n,H), D's logit (n,) -> (n,n_features)."""
-    parts = dict(z=z, h=h, d=None if danger is None else danger[:, None])
-    return torch.cat([parts[k] for k in inputs], -1)  # (n,n_features)
+    """C's input: z (n,Z), M's hidden state h (n,H), the danger logit (n,) (D's or M's) -> (n,n_features)."""
+    col = None if danger is None else danger.clamp(-10, 10)[:, None]  # (n,1), bounded: one input, not a lever
+    return torch.cat([dict(z=z, h=h, d=col, m=col)[k] for k in inputs], -1)  # (n,n_features)
 
 
 def choose(weights, f):
@@ -86,8 +87,9 @@ class Agent:
         self.vae, self.mdn, self.weights, self.inputs = vae, mdn, weights.float(), inputs
         self.danger, self.distribution_mode, self.state, self.last = danger, distribution_mode, None, None
 
-    def reset(self, num_envs):  # M's memory (h, c), each (1,N,H), and (for D) the previous frame
+    def reset(self, num_envs):  # M's memory (h, c), each (1,N,H), the previous frame (for D) and its z (for M's hop)
         self.state, self.last = torch.zeros(2, 1, num_envs, self.mdn.hidden).unbind(), None
+        self.z_last = torch.zeros(num_envs, self.vae.z_dim)  # (N,Z)
 
     @torch.no_grad()
     def act(self, obs, first, alive=None):
@@ -98,14 +100,15 @@ class Agent:
             self.reset(n)
         h, c = self.state
         h[:, first], c[:, first] = 0.0, 0.0
-        last = np.where(first[:, None, None, None], obs, obs if self.last is None else self.last)  # (N,64,64,3) for D
-        self.last = obs
+        last, self.last = np.where(first[:, None, None, None], obs, obs if self.last is None else self.last), obs  # D's
         idx = np.arange(n) if alive is None else np.flatnonzero(alive)
         actions = np.full(n, ACTIONS[NONE])
         if len(idx) == 0:
             return actions
         z = self.vae.encode(to_input(obs[idx]))[0]  # V: (n,Z), mu, no sampling at control time (as Ha)
-        d = self.danger(obs[idx], last[idx]).clamp(-10, 10) if "d" in self.inputs else None  # (n,) or None
+        z_last, self.z_last[idx] = torch.where(torch.from_numpy(first[idx])[:, None], z, self.z_last[idx]), z  # (n,Z)
+        d = (self.danger(obs[idx], last[idx]) if "d" in self.inputs else self.mdn.hop(z, z_last, torch.full(
+            (len(z),), UP)) if "m" in self.inputs else None)  # (n,): "UP kills" by D or by M's hop head, or None
         weights = self.weights if self.weights.dim() == 2 else self.weights[idx]
         a = choose(weights, features(z, h[0, idx], self.inputs, d))  # C: (n,) action indices
         h[:, idx], c[:, idx] = self.mdn.advance(z, a, (h[:, idx], c[:, idx]))  # M remembers what was done
@@ -128,8 +131,7 @@ def rollout(vae, mdn, params, level_seeds, distribution_mode, inputs, max_steps=
             env.act(actions[k * P:(k + 1) * P])
         out = [e.observe() for e in envs]  # (reward, obs, first) per level
         rew, obs, first = (np.concatenate(x) for x in zip(*[(r, o["rgb"], f) for r, o, f in out]))  # (E*P,...) each
-        ret[alive] += rew[alive]
-        steps += int(alive.sum())
+        ret, steps = ret + rew * alive, steps + int(alive.sum())  # only the first episode of each env counts
         # CRUCIAL: procgen auto-resets; after `first` an env is playing a new level: stop counting it.
         alive &= ~first
         if not alive.any():
@@ -153,9 +155,8 @@ def rollout_job(job):
 
 
 def make_pool(kind, workers, vae_path, mdn_path, danger_path=""):
-    """Workers that hold the models: a ProcessPoolExecutor, whose dead worker (SIGKILL, out of memory, a segfault)
-    raises BrokenProcessPool at once where multiprocessing.Pool.map waits forever; or (kind "ray") Ray's drop-in
-    Pool, whose dead worker raises RayActorError, given the files' bytes (its workers may be on other machines)."""
+    """Workers that hold the models: a ProcessPoolExecutor, whose dead worker (SIGKILL, out of memory) raises
+    BrokenProcessPool at once where multiprocessing.Pool.map waits forever; or Ray's Pool, given the files' bytes."""
     if kind == "ray":
         try:
             from ray.util.multiprocessing import Pool  # its ray.init() joins RAY_ADDRESS's cluster, else starts one
@@ -254,8 +255,7 @@ def train(cfg):
         z0 = vae.encode(to_input(first))[0]  # (E,Z): dreams start from V's z of new levels' first frames
         W = torch.as_tensor(X, dtype=torch.float32).view(len(X), len(ACTIONS), -1).repeat_interleave(len(z0), 0)
 
-        def policy(z, h, idx):  # W (P*E,5,F+1): dream episode p*E+e is candidate p's, from start e
-            return choose(W[idx], features(z, h, cfg.inputs))
+        policy = lambda z, h, idx: choose(W[idx], features(z, h, cfg.inputs))  # dream p*E+e: candidate p's, start e
         ret, length = dream(mdn, policy, z0.repeat(len(X), 1), cfg.temperature)  # (P*E,) each
         return ret.view(len(X), -1).mean(1).numpy(), int(length.sum())
 

@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from collect import ACTIONS, NONE, UP, check_flags, cli, fail, interruptible, make_env
-from mdnrnn import auc
-from vae import ReLU, identity, load_checkpoint, pick_device, resume_point, save_atomic, start_training, to_input
+from vae import (ReLU, identity, load_checkpoint, load_vae, pick_device, resume_point, save_atomic, start_training,
+                 to_input)
 
 MOVE_PROBS = [0.1, 0.05, 0.15, 0.6, 0.1]  # LEFT, DOWN, NONE, UP, RIGHT: mostly UP, to reach the river
 
@@ -67,38 +67,137 @@ class DangerNet(nn.Module):
         return self.net(x.permute(0, 3, 1, 2).float().div(255))[:, 0]  # (B,6,64,64) -> (B,)
 
 
-def pair(obs, last, a, wait, first):
-    """What D learns from for each env's UP: this frame and the last, (n,64,64,6) uint8."""
+class HopHead(nn.Module):
+    """M's hop head (mdnrnn.MDNRNN.hop), the world model's answer to "does this move kill?": the logit of P(the frog
+    dies before its next move | move a now), from V's z of this frame and the last (the cars' speeds need two). A
+    spatial z is read as what it is, z_dim/64 channels on V's 8x8 grid of cells, by two 3x3 convs (the action: 5
+    constant planes); a flat z by an MLP. Not a second perception: it sees the game only through V."""
+
+    def __init__(self, z_dim, grid=True, n_actions=5, width=32):
+        super().__init__()
+        self.grid, self.n_actions = grid, n_actions
+        self.net = nn.Sequential(  # (B,2c+A,8,8) -> (B,1)
+            nn.Conv2d(2 * z_dim // 64 + n_actions, width, 3, 1, 1), nn.ReLU(), nn.Conv2d(width, width, 3, 1, 1),
+            nn.ReLU(), nn.Flatten(), nn.Linear(width * 64, 64), nn.ReLU(), nn.Linear(64, 1)) if grid else \
+            nn.Sequential(nn.Linear(2 * z_dim + n_actions, 256), nn.ReLU(), nn.Linear(256, 1))  # (B,2Z+A) -> (B,1)
+
+    def forward(self, z, z_last, action):
+        """z, z_last (B,Z), action indices (B,) -> logits (B,)."""
+        a, n = F.one_hot(action.long(), self.n_actions).float(), len(z)  # (B,A)
+        return self.net(torch.cat([z.view(n, -1, 8, 8), z_last.view(n, -1, 8, 8), a[..., None, None].expand(
+            -1, -1, 8, 8)], 1) if self.grid else torch.cat([z, z_last, a], 1))[:, 0]  # (B,2c+A,8,8) or (B,2Z+A)
+
+
+def auc(score, y):
+    """Area under the ROC curve by ranks: P(score of a positive > score of a negative), ties broken by order."""
+    rank, pos = np.argsort(np.argsort(score, kind="stable")), y > 0
+    if pos.all() or not pos.any():  # undefined without both classes
+        return float("nan")
+    return float((rank[pos].mean() - (pos.sum() - 1) / 2) / (~pos).sum())
+
+
+def pair(obs, last, a, env):
+    """What D learns from for each UP: this frame and the last, (n,64,64,6) uint8."""
     return np.concatenate([obs, last], -1)
 
 
-def hop_then_wait(distribution_mode, steps, num_envs, seed, record=pair):
-    """Every UP of hop-then-wait play: record(obs, last, a, wait, first) of its step (default: the frame pair;
-    called at every step with the whole batch, so that a recorder may keep memory) and died (N,)."""
+def hop_then_wait(distribution_mode, steps, num_envs, seed, record=pair, moves=(UP,)):
+    """Every move in `moves` (action indices; D's: UP) of hop-then-wait play: what record(obs, last, a, env) makes
+    of it (called at each step for the envs making such a move, (n,...) each; default: the frame pair), and
+    died (N,): the episode ended without the prize before the next move."""
     env = make_env(num_envs, distribution_mode, seed=seed)
     rng, n = np.random.default_rng(seed), num_envs
     obs = env.observe()[1]["rgb"]
-    last, wait, pending, first = obs.copy(), np.zeros(n, dtype=int), [None] * n, np.ones(n, dtype=bool)
-    X, Y = [], []  # pending: env i's open UP
+    last, wait, pending = obs.copy(), np.zeros(n, dtype=int), [None] * n  # pending: env i's open move
+    X, Y = [], []
     for _ in tqdm(range(steps // n), desc="hop-then-wait", unit="step", disable=None):
         move = wait == 0  # (n,) envs that choose a new move now
         a = np.where(move, rng.choice(len(ACTIONS), size=n, p=MOVE_PROBS), NONE)
         wait = np.where(move, rng.integers(5, 13, size=n), wait - 1)  # a move, then wait - 1 no-ops
-        item = record(obs, last, a, wait, first)
         for i in np.flatnonzero(move):
-            if pending[i] is not None:  # its last UP survived until this move
+            if pending[i] is not None:  # its last move survived until this one
                 X.append(pending[i])
                 Y.append(0.0)
-            pending[i] = item[i].copy() if a[i] == UP else None  # a copy: a view would keep the whole batch
+            pending[i] = None
+        rec = np.flatnonzero(move & np.isin(a, moves))  # (k,) the envs whose move is recorded
+        for i, item in zip(rec, record(obs[rec], last[rec], a[rec], rec) if len(rec) else []):
+            pending[i] = item
         env.act(ACTIONS[a])
         rew, new, first = env.observe()
         for i in np.flatnonzero(first):  # CRUCIAL: procgen auto-resets; new[i] is the next level
             if pending[i] is not None:
                 X.append(pending[i])
-                Y.append(float(rew[i] <= 0))  # the episode ended without the prize: the UP killed
+                Y.append(float(rew[i] <= 0))  # the episode ended without the prize: the move killed
             pending[i], wait[i] = None, 0
         last, obs = np.where(first[:, None, None, None], new["rgb"], obs), new["rgb"]
-    return (np.stack(X) if X else np.empty((0, *item.shape[1:]), item.dtype)), np.array(Y, dtype=np.float32)
+    return (np.stack(X) if X else np.empty(0)), np.array(Y, dtype=np.float32)
+
+
+@torch.no_grad()
+def hop_latents(vae, distribution_mode, steps, num_envs, seed):
+    """Every move of hop-then-wait play as V sees it, for M's hop head: -> z, z_last (N,Z) (V's mu of the move's
+    frame and the one before), the same two of the mirrored frames, the action (N,), its env (N,), died (N,)."""
+    def record(obs, last, a, env):  # (n,64,64,3) x2, (n,) x2 -> (n,4Z+2)
+        x = [to_input(f) for f in (obs, last)]  # (n,3,64,64) each
+        z = [vae.encode(t)[0] for t in (*x, *(t.flip(-1) for t in x))]  # (n,Z) each: z, z_last, both mirrored
+        return torch.cat([*z, torch.from_numpy(np.stack([a, env], 1))], 1).numpy().astype(np.float32)
+    X, y = hop_then_wait(distribution_mode, steps, num_envs, seed, record, moves=range(len(ACTIONS)))
+    X = X.reshape(len(y), -1)  # (N,4Z+2), also when no move ended
+    z, z_last, z_mirror, z_last_mirror = np.split(X[:, :-2], 4, axis=1)  # (N,Z) each
+    return dict(z=z, z_last=z_last, z_mirror=z_mirror, z_last_mirror=z_last_mirror,
+                action=X[:, -2].astype(np.int64), env=X[:, -1].astype(np.int64), died=y)
+
+
+MIRROR = torch.tensor([4, 1, 2, 3, 0])  # an action index seen in a mirror: LEFT <-> RIGHT (collect.ACTION_NAMES)
+
+
+def hop_envs(steps):
+    """Envs of the hop-then-wait play: up to 256, each playing at least 64 steps (a move ends 5-12 steps later)."""
+    return min(256, max(1, steps // 64))
+
+
+def hop_env_steps(steps):
+    """The env steps hop_set's play takes: whole steps of all its envs."""
+    return (steps // hop_envs(steps)) * hop_envs(steps) if steps else 0
+
+
+def hop_set(cfg):
+    """Every move of cfg.hop_steps of hop-then-wait play, encoded by V (danger.hop_latents): a dict of tensors, the
+    training moves' indices and the held-out ones' (those of every holdout-th env: levels training never sees)."""
+    if not cfg.hop_steps:
+        return None, torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+    hop = {k: torch.from_numpy(v) for k, v in hop_latents(load_vae(cfg.vae), cfg.distribution_mode, cfg.hop_steps,
+                                                         hop_envs(cfg.hop_steps), cfg.seed).items()}  # (N,...)
+    held = hop["env"] % cfg.holdout == cfg.holdout - 1 if cfg.holdout else torch.zeros(len(hop["env"]), dtype=bool)
+    return hop, (~held).nonzero()[:, 0], held.nonzero()[:, 0]
+
+
+def hop_epoch(model, opt, hop, idx, rng, batch_size, dev):
+    """One pass of M's hop head over the moves idx, each seen mirrored with probability 1/2 (the game is
+    symmetric: cars and logs just run the other way). -> the mean BCE (nan without moves)."""
+    total, perm = 0.0, idx[rng.permutation(len(idx))]
+    for i in range(0, len(perm), batch_size):
+        b, m = perm[i:i + batch_size], torch.from_numpy(rng.random(len(perm[i:i + batch_size])) < 0.5)
+        z, z_last = (torch.where(m[:, None], hop[k + "_mirror"][b], hop[k][b]).to(dev) for k in ("z", "z_last"))
+        a = torch.where(m, MIRROR[hop["action"][b]], hop["action"][b]).to(dev)  # (B,)
+        loss = F.binary_cross_entropy_with_logits(model.hop(z, z_last, a), hop["died"][b].to(dev))
+        opt.zero_grad()  # only the hop head gets gradients here: Adam leaves the rest of M alone
+        loss.backward()
+        opt.step()
+        total += loss.item() * len(b)
+    return total / len(perm) if len(perm) else float("nan")
+
+
+@torch.no_grad()
+def hop_auc(model, hop, idx):
+    """AUC of M's hop head over the held-out UPs (nan without both classes): the test D is measured by."""
+    model.eval()
+    up = idx[hop["action"][idx] == 3] if hop is not None else idx  # 3: UP (collect.UP)
+    if not len(up):
+        return float("nan")
+    dev = next(model.parameters()).device
+    return auc(model.hop(hop["z"][up].to(dev), hop["z_last"][up].to(dev), hop["action"][up].to(dev)).cpu().numpy(),
+               hop["died"][up].numpy())
 
 
 def scores(model, X, idx, batch=512):
@@ -153,51 +252,30 @@ def train(cfg):
 
 
 @torch.no_grad()
-def imagine_death(mdn, z, state, wait):
-    """V and M's answer to "does this UP kill?": from V's z (n,Z) and M's memory before it (h, c), M takes the UP,
-    then dreams wait - 1 no-ops on its most likely next z (tau -> 0). -> P(death right after the UP) (n,) and
-    P(death before the next move) (n,), 1 - prod(1 - p_k) over the wait (n,) imagined steps."""
-    a, survive, first_p = torch.full((len(z),), UP), torch.ones(len(z)), None
-    for k in range(int(wait.max())):
-        (logit_pi, mu, _), _, death_logit, state = mdn.step(z, a, state)
-        p = torch.sigmoid(death_logit[:, 0]) * (k < wait)  # (n,) an env's wait over: no more risk counted
-        first_p = p if first_p is None else first_p
-        survive = survive * (1 - p)
-        z = mu[:, 0].gather(-1, logit_pi[:, 0].argmax(-1, keepdim=True))[..., 0]  # (n,Z,K) -> (n,Z)
-        a = torch.full_like(a, NONE)
-    return first_p, 1 - survive
-
-
-@torch.no_grad()
 def death_probe(vae, mdn, danger=None, distribution_mode="easy", steps=50_000, num_envs=64, seed=1_000_003):
     """The test of "this UP kills" on levels no training step saw (seed: evaluate.py's held-out stream): every
-    UP of hop-then-wait play scored by D (its logit) and by V and M (imagine_death); -> the AUC of each."""
+    UP of hop-then-wait play scored by D (its logit) and by V and M (M's hop head on V's z); -> the AUC of each."""
     num_envs = min(num_envs, steps)  # at least one step of every env
-    state = torch.zeros(2, 1, num_envs, mdn.hidden).unbind()  # M's memory (h, c), each (1,n,H)
 
-    def record(obs, last, a, wait, first):  # every step: V encodes, M remembers; the UPs get scored
-        nonlocal state
-        state[0][:, first], state[1][:, first] = 0.0, 0.0  # a new level: M's memory starts empty
-        z = vae.encode(to_input(obs))[0]  # (n,Z), mu
-        out, up = np.full((len(obs), 3), np.nan, dtype=np.float32), np.flatnonzero(a == UP)  # D, M next, M wait
-        if len(up):
-            out[up, 0] = danger(obs[up], last[up]).cpu().numpy() if danger is not None else np.nan
-            m = imagine_death(mdn, z[up], (state[0][:, up], state[1][:, up]), torch.from_numpy(wait[up]))
-            out[up, 1], out[up, 2] = (t.numpy() for t in m)
-        state = mdn.advance(z, torch.from_numpy(a), state)
-        return out
-    S, y = hop_then_wait(distribution_mode, steps, num_envs, seed, record)  # (N,3), (N,)
+    def record(obs, last, a, env):  # the UPs of a step: D on their frames, M's hop head on V's z of them
+        d = danger(obs, last).cpu().numpy() if danger is not None else np.full(len(obs), np.nan)
+        m = (mdn.hop(*(vae.encode(to_input(f))[0] for f in (obs, last)), torch.full((len(obs),), UP)).numpy()
+             if mdn.hop is not None else np.full(len(obs), np.nan))
+        return np.stack([d, m], 1).astype(np.float32)  # (n,2)
+    S, y = hop_then_wait(distribution_mode, steps, num_envs, seed, record)
+    S = S.reshape(len(y), 2)  # (N,2), also when no UP ended
     return dict(ups=len(y), deadly=float(y.mean()) if len(y) else float("nan"),
                 d_auc=auc(S[:, 0], y) if danger is not None else None,
-                m_auc=auc(S[:, 2], y), m_auc_next_step=auc(S[:, 1], y))
+                m_auc=auc(S[:, 1], y) if mdn.hop is not None else None)
 
 
 def start_point(n_params, inputs, danger_prior=0.0):
-    """C's start for CMA-ES (5,n_features+1), bias last: zero, or with d and danger_prior the controller D implies,
-    "UP iff D's logit < 0, else no-op", a prior the search can leave (in hard mode CMA-ES from zero missed it)."""
+    """C's start for CMA-ES (5,n_features+1), bias last: zero, or with d (or m) and danger_prior the controller it
+    implies, "UP iff that logit < 0, else no-op", a prior the search can leave (in hard mode CMA-ES from zero missed
+    it)."""
     x0 = np.zeros((len(ACTIONS), n_params // len(ACTIONS)))  # (5,n_features+1)
-    if "d" in inputs:
-        x0[UP, -2] = -danger_prior  # d is C's last input, just before the bias
+    if inputs[-1] in "dm":
+        x0[UP, -2] = -danger_prior  # d (or m) is C's last input, just before the bias
         x0[[a for a in range(len(ACTIONS)) if a not in (UP, NONE)], -1] -= danger_prior  # else NONE wins
     return x0
 

@@ -115,8 +115,7 @@ def play(policy, episodes, seed, distribution_mode, record=False, desc="play"):
             frames[i]["action"].append(actions[i])
         env.act(actions)
         rew, obs, first = env.observe()
-        returns[alive] += rew[alive]
-        lengths[alive] += 1
+        returns, lengths = returns + rew * alive, lengths + alive  # only each env's first episode counts
         # CRUCIAL: procgen auto-resets. When first[i] is set, rew[i] was the last reward of env i's
         # episode and obs[i] is already a new level: env i is done counting.
         alive &= ~first
@@ -187,13 +186,15 @@ def agent_gif(agent, recorded, path):
 def dream(agent, frame, steps=60, tau=1.15, seed=0):
     """One episode of mdnrnn.dream (C's training ground with --controller-env dream) from one real frame, C choosing
     the actions. -> V's picture of each dreamed z uint8 (T,64,64,3), action indices (T,), and how it ended:
-    "WIN", "dies" (M sampled done) or "" (still going after `steps`)."""
+    "WIN", "dies" (M sampled a death) or "" (still going after `steps`)."""
     torch.manual_seed(seed)
-    frames, actions = [], []
+    frames, actions, zs = [], [], []
 
-    def policy(z, h, idx):  # (1,Z), (1,H): C on M's z, no frame to encode; D (if C reads it) on V's pictures
+    def policy(z, h, idx):  # (1,Z), (1,H): C on M's z; D (if C reads it) on V's pictures, M's hop head on z
         frames.append(decode(agent.vae, z))
-        d = agent.danger(frames[-1], frames[-2 if len(frames) > 1 else -1]) if agent.danger else None
+        zs.append(z)
+        d = (agent.danger(frames[-1], frames[max(len(frames) - 2, 0)]) if "d" in agent.inputs else agent.mdn.hop(
+            z, zs[max(len(zs) - 2, 0)], torch.full((1,), UP)) if "m" in agent.inputs else None)
         actions.append(int(choose(agent.weights, features(z, h, agent.inputs, d))))
         return torch.tensor(actions[-1:])
     ret, length = mdn_dream(agent.mdn, policy, agent.vae.encode(to_input(frame[None]))[0], tau, max_steps=steps)
@@ -249,8 +250,7 @@ def curves_png(run_dir, path):
 
 def pictures(agent, cfg, mode):
     """agent.gif, reconstructions.png, dream.gif and curves.png in the run dir; returns their paths."""
-    def path(name):
-        return os.path.join(cfg.run, name)
+    path = lambda name: os.path.join(cfg.run, name)  # noqa: E731
     recorded = play(agent, max(cfg.gif_episodes, 1), cfg.seed, mode, record=True, desc="record")[2]  # first levels
     if cfg.gif_episodes > 0:
         agent_gif(agent, recorded, path("agent.gif"))
@@ -283,8 +283,8 @@ def main(cfg):
         d = agent.danger if agent.danger is not None else load_danger(d_path) if os.path.exists(d_path) else None
         probe = death_probe(agent.vae, agent.mdn, d, mode, cfg.death_steps, seed=cfg.seed)
         print(f"does this UP kill? {probe['ups']} UPs of hop-then-wait play ({probe['deadly']:.1%} deadly), "
-              f"AUC: D {'-' if d is None else format(probe['d_auc'], '.3f')}, V+M {probe['m_auc']:.3f} "
-              f"(imagining the UP and the wait; M's next step alone {probe['m_auc_next_step']:.3f})")
+              f"AUC: D {'-' if d is None else format(probe['d_auc'], '.3f')}, V+M (M's hop head) "
+              f"{'-' if probe['m_auc'] is None else format(probe['m_auc'], '.3f')}")
     if cfg.pictures:
         for path in pictures(agent, cfg, mode):
             print(f"wrote {path}")

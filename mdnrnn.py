@@ -1,9 +1,9 @@
 """M: the memory model of World Models (Ha & Schmidhuber 2018, section 2.2 and appendix A.2), an LSTM whose
 output layer is a mixture density network: given z_t and action a_t it predicts P(z_{t+1}) as K Gaussians per
-latent dimension, plus two logits: "this step wins" (leaper's only reward, 10 at the finish) and "this step
-kills the frog" (the episode ends without the win before leaper's 500-step cap: not procgen's done flag).
-Run on its own samples, M is a dream environment (`dream`, section 4). The model, its loss, sampling and dream
-need only torch: copy this file alone for them. Encoding and training borrow vae.py and collect.py.
+latent dimension, and the logits of "this step wins" (leaper's only reward) and "this step kills the frog" (the
+episode ends without the win before the 500-step cap). Its hop head (danger.HopHead, trained here on hop-then-wait
+play) tells from V's z of two frames whether a move kills. Run on its own samples, M is a dream (`dream`, section 4).
+Model, loss, sampling and dream need only torch (copy this file); encoding and training borrow vae.py, collect.py.
 
     python mdnrnn.py --data runs/data --vae runs/vae.pt --out runs/mdnrnn.pt
 (first encodes every episode of --data with V into --latents, then trains M on those latents)
@@ -38,7 +38,8 @@ class MDNConfig:
     epochs: int = 30  # passes over the training sequences (held-out NLL 44.5 at 10, 32.4 at 30: default easy data)
     lr: float = 1e-3  # Adam learning rate
     grad_clip: float = 1.0  # gradient norm clipping
-    death_weight: float = 1.0  # weight of the rare death steps in the death BCE (>1: learnt harder, dreams kill more)
+    hop_steps: int = 400_000  # env steps of hop-then-wait play (danger.py) that M's hop head learns from (0: none)
+    distribution_mode: Literal["easy", "hard"] = "easy"  # procgen difficulty of that play
     holdout: int = 20  # every holdout-th episode is kept out of training, for the test numbers
     seed: int = 0  # seeds torch and the shuffling
     resume: bool = False  # continue from --out instead of refusing to overwrite it
@@ -48,16 +49,17 @@ class MDNConfig:
         from collect import check_flags  # the training config, not the model: it may borrow
         from vae import pick_device
         pick_device(self.device)
-        check_flags(self, at_least=dict(hidden=1, gaussians=1, seq_len=1, batch_size=1, epochs=1, holdout=0),
-                    above=dict(lr=0, grad_clip=0, death_weight=0))
+        check_flags(self, above=dict(lr=0, grad_clip=0), at_least=dict(hidden=1, gaussians=1, seq_len=1, batch_size=1,
+                                                                         epochs=1, holdout=0, hop_steps=0))
 
 
 class MDNRNN(nn.Module):
-    def __init__(self, z_dim=32, hidden=256, gaussians=5, n_actions=5):  # leaper's 5 actions (collect.ACTIONS)
+    def __init__(self, z_dim=32, hidden=256, gaussians=5, n_actions=5, hop=None):  # 5: leaper's actions
         super().__init__()
         self.z_dim, self.hidden, self.k, self.n_actions = z_dim, hidden, gaussians, n_actions
         self.lstm = nn.LSTM(z_dim + n_actions, hidden, batch_first=True)
         self.head = nn.Linear(hidden, 3 * z_dim * gaussians + 2)  # pi, mu, log sigma; win, death
+        self.hop = hop  # "does this move kill?" (danger.HopHead, on V's z), or None: learnt from hop-then-wait play
 
     def forward(self, z, action, state=None):
         """z (B,T,Z), action indices (B,T) -> mixture params for z_{t+1}, each (B,T,Z,K), the win and
@@ -88,21 +90,12 @@ def mdn_nll(logit_pi, mu, log_sigma, target):
     return -torch.logsumexp(F.log_softmax(logit_pi, -1) + log_normal, -1).sum(-1)
 
 
-def masked_bce(logit, target, mask, pos_weight=1.0):
-    """Binary cross-entropy averaged over the steps where mask is 1, positives weighted: (B,L) x3 -> ()."""
-    weight = mask * (1 + (pos_weight - 1) * target)  # (B,L): padding 0, positives pos_weight, negatives 1
-    return F.binary_cross_entropy_with_logits(logit, target, weight=weight, reduction="sum") / mask.sum()
+def masked_bce(logit, target, mask):
+    """Binary cross-entropy averaged over the steps where mask is 1 (not padding): (B,L) x3 -> ()."""
+    return F.binary_cross_entropy_with_logits(logit, target, weight=mask, reduction="sum") / mask.sum()
 
 
-def auc(score, y):
-    """Area under the ROC curve by ranks: P(score of a positive > score of a negative), ties broken by order."""
-    rank, pos = np.argsort(np.argsort(score, kind="stable")), y > 0
-    if pos.all() or not pos.any():  # undefined without both classes
-        return float("nan")
-    return float((rank[pos].mean() - (pos.sum() - 1) / 2) / (~pos).sum())
-
-
-def m_losses(model, batch, sample=True, death_weight=1.0):
+def m_losses(model, batch, sample=True):
     """Mean losses over the valid, unpadded steps: (nll per step, win BCE, death BCE), and the death
     logits. batch: a dict of tensors, as load_sequences makes them (see there for the fields)."""
     mu, logvar = batch["mu"].float(), batch["logvar"].float()  # (B,L+1,Z) each; stored in float16
@@ -110,7 +103,7 @@ def m_losses(model, batch, sample=True, death_weight=1.0):
     mix, win_logit, death_logit, _ = model(z[:, :-1], batch["action"])
     nll = (mdn_nll(*mix, z[:, 1:]) * batch["next_mask"]).sum() / batch["next_mask"].sum().clamp(min=1)
     win_bce = masked_bce(win_logit, batch["win"], batch["step_mask"])
-    death_bce = masked_bce(death_logit, batch["death"], batch["step_mask"], death_weight)
+    death_bce = masked_bce(death_logit, batch["death"], batch["step_mask"])
     return nll, win_bce, death_bce, death_logit
 
 
@@ -127,11 +120,10 @@ def sample_next(logit_pi, mu, log_sigma, win_logit, death_logit, tau=1.0):
 
 @torch.no_grad()
 def dream(model, policy, z, tau=1.0, max_steps=500):
-    """M's dream as an environment (Ha & Schmidhuber, section 4), for a batch of N episodes at once: from V's z
-    of real first frames (N,Z), policy(z (n,Z), h (n,H), idx (n,)) -> action indices (n,) plays the episodes
-    still going (idx: which); M samples each next z, a win and a death at temperature tau. An episode ends at a
-    sampled death or win, or at max_steps (leaper's cap: 500). Only LSTM and head steps: no convolution.
-    -> returns (N,) (10 per win, as leaper pays), lengths (N,)."""
+    """M's dream as an environment (Ha & Schmidhuber, section 4), for a batch of N episodes at once: from V's z of
+    real first frames (N,Z), policy(z (n,Z), h (n,H), idx (n,)) -> action indices (n,) plays the episodes still going
+    (idx: which); M samples each next z, a win and a death at temperature tau. An episode ends at a sampled death or
+    win, or at max_steps (leaper's cap). No convolution. -> returns (N,) (10 per win, as leaper pays), lengths (N,)."""
     n, z = len(z), z.clone()
     h, c = torch.zeros(2, 1, n, model.hidden).unbind()  # M's memory, each (1,N,H)
     ret, length, alive = torch.zeros(n), torch.zeros(n, dtype=torch.long), torch.ones(n, dtype=torch.bool)
@@ -166,10 +158,8 @@ def encode_episodes(data, vae_path, latents):
     vae = load_vae(vae_path)
     os.makedirs(latents, exist_ok=True)
     done = sorted(f for f in os.listdir(latents) if f.endswith(".npz"))
-    if done:
-        recorded = read_latents(os.path.join(latents, done[0]), ("vae_id",), optional=True)
-        if str(recorded.get("vae_id", "an unrecorded V")) != vae.id:
-            fail(f"{latents}: encoded by another V than {vae_path}: use another --latents (or --out)")
+    if done and str(read_latents(os.path.join(latents, done[0]), ("vae_id",), True).get("vae_id", "")) != vae.id:
+        fail(f"{latents}: encoded by another V than {vae_path}: use another --latents (or --out)")
     todo = [p for p in list_episodes(data) if not os.path.exists(os.path.join(latents, os.path.basename(p)))]
     t0, n = time.time(), 0
     for path in tqdm(todo, desc="encode", unit="ep", disable=None):
@@ -192,8 +182,7 @@ def load_sequences(latents, seq_len, holdout):
       (its episode's last step, without the win, before the 500-step cap); step_mask (N,L): step t is real, not padding;
       next_mask (N,L): z_{t+1} exists (not after the episode's last step)."""
     from collect import MAX_STEPS, fail
-    def pad(x, length):  # zero-pad x along its first axis to length
-        return np.pad(x, [(0, length - len(x))] + [(0, 0)] * (x.ndim - 1))
+    pad = lambda x, length: np.pad(x, [(0, length - len(x))] + [(0, 0)] * (x.ndim - 1))  # zeros along axis 0
     files = sorted(f for f in os.listdir(latents) if f.endswith(".npz"))
     if not files:
         fail(f"{latents}: no encoded episodes")
@@ -219,6 +208,7 @@ def load_sequences(latents, seq_len, holdout):
 @torch.no_grad()
 def test_metrics(model, data, batch_size=256):
     """Held-out NLL (z from mu, no resampling), win and death BCE, and the AUC of the death logit over all steps."""
+    from danger import auc
     model.eval()
     dev, sums, logits = next(model.parameters()).device, np.zeros(3), []
     for i in range(0, len(data["action"]), batch_size):  # in batches: the paper preset's at once took ~8 GB
@@ -233,10 +223,13 @@ def test_metrics(model, data, batch_size=256):
                 test_death_auc=auc(torch.cat(logits)[mask].numpy(), data["death"][mask].numpy()))
 
 
+
+
 def train(cfg):
     from collect import fail
+    from danger import HopHead, hop_auc, hop_env_steps, hop_epoch, hop_set
     from vae import identity, load_checkpoint, resume_point, save_atomic, start_training
-    vae_id = load_checkpoint(cfg.vae).get("id", "")  # a missing --vae: one error line
+    vae_id, grid = (v := load_checkpoint(cfg.vae)).get("id", ""), v["config"].get("spatial", False)  # V's 8x8 cells?
     ckpt = resume_point(cfg, made_from=dict(vae=vae_id))
     if ckpt and ckpt["epoch"] >= cfg.epochs:
         print(f"M: {cfg.out} already has {cfg.epochs} epochs, skipping")
@@ -249,9 +242,12 @@ def train(cfg):
     train_idx = torch.from_numpy(np.flatnonzero(~held))  # batches index `data`: no copy of the training set
     test_set = {k: t[held] for k, t in data.items()} if held.any() else data
     z_dim, n_train = data["mu"].shape[-1], len(train_idx)
-    model, opt, epoch, step, dev = start_training(MDNRNN(z_dim, cfg.hidden, cfg.gaussians), cfg.lr, ckpt, cfg.device)
+    hop, hop_idx, hop_test = hop_set(cfg)  # danger.py: hop-then-wait play, as V sees it
+    m = MDNRNN(z_dim, cfg.hidden, cfg.gaussians, hop=HopHead(z_dim, grid) if cfg.hop_steps else None)
+    model, opt, epoch, step, dev = start_training(m, cfg.lr, ckpt, cfg.device)
     print(f"M: {sum(p.numel() for p in model.parameters()):,} parameters, {n_train} training "
-          f"sequences, {int(held.sum())} held-out; before training: {test_metrics(model, test_set)}")
+          f"sequences, {int(held.sum())} held-out, {len(hop_idx)} moves for the hop head; before training: "
+          f"{test_metrics(model, test_set)}")
     while epoch < cfg.epochs:
         model.train()
         t0, tot = time.time(), np.zeros(3)
@@ -260,7 +256,7 @@ def train(cfg):
         for i in tqdm(range(0, n_train, cfg.batch_size), desc=f"M epoch {epoch + 1}/{cfg.epochs}", unit="batch",
                       disable=None):  # disable=None: a bar on a terminal, none in a log file
             batch = {k: t[perm[i:i + cfg.batch_size]].to(dev) for k, t in data.items()}
-            nll, win_bce, death_bce, _ = m_losses(model, batch, death_weight=cfg.death_weight)
+            nll, win_bce, death_bce, _ = m_losses(model, batch)
             if not torch.isfinite(nll + win_bce + death_bce):
                 fail(f"M's loss is not finite at epoch {epoch + 1}, step {step + 1}; the last good checkpoint is "
                      f"{cfg.out} (epoch {epoch}): lower --lr and run again with --resume")
@@ -270,15 +266,17 @@ def train(cfg):
             opt.step()
             step += 1
             tot += np.array([nll.item(), win_bce.item(), death_bce.item()])
+        hop_bce = hop_epoch(model, opt, hop, hop_idx, np.random.default_rng([cfg.seed, epoch, 1]), cfg.batch_size, dev)
         epoch += 1
-        nb = math.ceil(n_train / cfg.batch_size)
-        row = dict(epoch=epoch, step=step, nll=tot[0] / nb, win_bce=tot[1] / nb, death_bce=tot[2] / nb,
-                   **test_metrics(model, test_set),
+        nll, win_bce, death_bce = tot / math.ceil(n_train / cfg.batch_size)  # means over the epoch's batches
+        row = dict(epoch=epoch, step=step, nll=nll, win_bce=win_bce, death_bce=death_bce,
+                   **test_metrics(model, test_set), hop_bce=hop_bce, test_hop_auc=hop_auc(model, hop, hop_test),
                    steps_per_s=float(data["step_mask"][train_idx].sum()) / (time.time() - t0))
         print("M " + " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
         config = dataclasses.asdict(cfg)
-        save_atomic(dict(model=model.state_dict(), optimizer=opt.state_dict(), config=config, z_dim=z_dim, epoch=epoch,
-                         step=step, made_from=dict(vae=vae_id), id=identity(config, epoch=epoch, vae=vae_id)), cfg.out)
+        save_atomic(dict(model=model.state_dict(), optimizer=opt.state_dict(), config=config, z_dim=z_dim, grid=grid,
+                         epoch=epoch, step=step, hop_env_steps=hop_env_steps(cfg.hop_steps),
+                         made_from=dict(vae=vae_id), id=identity(config, epoch=epoch, vae=vae_id)), cfg.out)
         with open(os.path.splitext(cfg.out)[0] + ".jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
     return model.cpu()
@@ -288,7 +286,9 @@ def load_mdnrnn(path):
     """Rebuild M from its checkpoint alone (a file that is not one gets vae.load_checkpoint's error line)."""
     from vae import load_checkpoint
     ckpt = load_checkpoint(path)
-    model = MDNRNN(ckpt["z_dim"], ckpt["config"]["hidden"], ckpt["config"]["gaussians"])
+    from danger import HopHead
+    hop = HopHead(ckpt["z_dim"], ckpt["grid"]) if ckpt.get("hop_env_steps") else None  # None: --hop-steps 0, or older
+    model = MDNRNN(ckpt["z_dim"], ckpt["config"]["hidden"], ckpt["config"]["gaussians"], hop=hop)
     model.load_state_dict({k: v.float() for k, v in ckpt["model"].items()})
     model.id = ckpt.get("id", "")  # what made it: later stages record it (made_from)
     return model.eval()

@@ -42,7 +42,7 @@ def tiny_run(tmp_path_factory):
     collect_quiet(run / "data", episodes=24, num_envs=8)
     vae.train(VAEConfig(data=str(run / "data"), out=str(run / "vae.pt"), z_dim=8, spatial=False, epochs=1, batch_size=64))
     mdnrnn.train(MDNConfig(data=str(run / "data"), vae=str(run / "vae.pt"), out=str(run / "mdnrnn.pt"),
-                           hidden=16, gaussians=2, epochs=1))
+                           hidden=16, gaussians=2, epochs=1, hop_steps=1024))
     controller.train(CConfig(vae=str(run / "vae.pt"), mdnrnn=str(run / "mdnrnn.pt"), out=str(run / "controller.pt"),
                              inputs="zh", generations=1, popsize=4, levels=2, eval_every=1, eval_levels=2, workers=1))
     return run
@@ -388,6 +388,33 @@ def test_m_trains_on_encoded_episodes(tiny_run):
         assert d["mu"].shape == (len(ep["action"]), 8) and np.array_equal(d["action"], ep["action"])
     data, held = mdnrnn.load_sequences(str(tiny_run / "latents"), 32, 20)
     assert data["step_mask"].sum() == sum(len(np.load(f)["action"]) for f in lat)  # every step once
+    assert ckpt["hop_env_steps"] == 1024 == danger.hop_env_steps(1024) and not ckpt["grid"]  # V is flat: an MLP
+    row = evaluate.read_jsonl(str(tiny_run / "mdnrnn.jsonl"))[-1]
+    assert row["hop_bce"] > 0 and (np.isnan(row["test_hop_auc"]) or 0 <= row["test_hop_auc"] <= 1)
+    assert mdnrnn.load_mdnrnn(str(tiny_run / "mdnrnn.pt")).hop is not None
+
+
+def test_c_reads_m_hop_danger_of_an_up(tiny_run):
+    """--inputs zhm: C's last input is M's hop head on (z, the last frame's z, UP); from D's start point C plays
+    "UP iff that logit < 0, else no-op". Checked against the hop head called by hand, two steps of 8 envs."""
+    v, m = vae.load_vae(str(tiny_run / "vae.pt")), mdnrnn.load_mdnrnn(str(tiny_run / "mdnrnn.pt"))
+    x0 = torch.tensor(danger.start_point(5 * (n_features("zhm", 8, 16) + 1), "zhm", 1.0), dtype=torch.float32)
+    agent, env = controller.Agent(v, m, x0, "zhm"), collect.make_env(8, "easy", seed=3)
+    _, obs, first = env.observe()
+    with torch.no_grad():  # logits of both signs around the first frames (the tiny head's may share one sign)
+        z = v.encode(vae.to_input(obs["rgb"]))[0]
+        m.hop.net[-1].bias -= m.hop(z, z, torch.full((8,), collect.UP)).median() + 1e-4
+    z_last = None
+    for _ in range(2):
+        z = v.encode(vae.to_input(obs["rgb"]))[0]
+        z_last = z if z_last is None else torch.where(torch.from_numpy(first)[:, None], z, z_last)
+        with torch.no_grad():
+            logit = m.hop(z, z_last, torch.full((8,), collect.UP))
+        actions = agent.act(obs["rgb"], first)
+        assert np.array_equal(actions, collect.ACTIONS[np.where(logit.numpy() < 0, collect.UP, collect.NONE)])
+        env.act(actions)
+        _, obs, first = env.observe()
+        z_last = z
 
 
 def test_death_labels_exclude_wins_and_the_cap(tmp_path):
@@ -405,36 +432,31 @@ def test_death_labels_exclude_wins_and_the_cap(tmp_path):
     assert data["win"].sum() == 1 and data["win"][2, 0] == 1  # b's step 8: its second window (the third row)
 
 
-def test_death_weight_is_torch_pos_weight():
+def test_masked_bce_is_torch_bce_over_the_mask():
     logit, target, mask = torch.randn(4, 6), (torch.rand(4, 6) < 0.2).float(), (torch.rand(4, 6) < 0.8).float()
-    ref = F.binary_cross_entropy_with_logits(logit, target, pos_weight=torch.tensor(7.0), reduction="none")
-    assert torch.allclose(mdnrnn.masked_bce(logit, target, mask, 7.0), (ref * mask).sum() / mask.sum())
+    ref = F.binary_cross_entropy_with_logits(logit, target, reduction="none")
+    assert torch.allclose(mdnrnn.masked_bce(logit, target, mask), (ref * mask).sum() / mask.sum())
 
 
-def test_m_imagines_which_up_kills():
-    """Synthetic hop-then-wait: an UP kills one step later exactly when z[0] > 0 (z stays). M learns it from death
-    labels; danger.imagine_death, which dreams the UP and the wait, ranks new deadly UPs above safe ones, and more
-    than M's next-step death alone does (the death comes a step later)."""
+def test_hop_head_learns_which_move_kills():
+    """Synthetic hop-then-wait moves on V's 8x8 grid: a move kills exactly when it is UP and something moved into
+    the frog's row (row 7 of channel 0 grew since the last frame): a rule the mirror keeps. M's hop head learns it
+    through hop_epoch (which mirrors half the moves) and ranks held-out UPs (hop_auc) almost perfectly."""
     torch.manual_seed(0)
-    m, g = mdnrnn.MDNRNN(3, 16, 2), torch.Generator().manual_seed(0)
-    opt = torch.optim.Adam(m.parameters(), lr=1e-2)
-    def batch(B):
-        z0 = torch.randn(B, 1, 3, generator=g)
-        action = torch.full((B, 4), collect.NONE)
-        action[:, 0] = collect.UP
-        death = torch.zeros(B, 4)
-        death[:, 1] = (z0[:, 0, 0] > 0).float()
-        return dict(mu=z0.expand(B, 5, 3).clone(), logvar=torch.full((B, 5, 3), -20.0), action=action,
-                    win=torch.zeros(B, 4), death=death, step_mask=torch.ones(B, 4), next_mask=torch.ones(B, 4))
-    for _ in range(200):
-        loss = sum(mdnrnn.m_losses(m, batch(64), death_weight=2.0)[:3])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    test = batch(200)
-    p_next, p_wait = danger.imagine_death(m.eval(), test["mu"][:, 0], None, torch.full((200,), 4))
-    y = test["death"][:, 1].numpy()
-    assert mdnrnn.auc(p_wait.numpy(), y) > 0.95 and mdnrnn.auc(p_next.numpy(), y) < mdnrnn.auc(p_wait.numpy(), y)
+    g = torch.Generator().manual_seed(0)
+    z, z_last, a = torch.randn(3000, 2, 8, 8, generator=g), torch.randn(3000, 2, 8, 8, generator=g), \
+        torch.randint(0, 5, (3000,), generator=g)
+    died = ((a == collect.UP) & ((z - z_last)[:, 0, 7].sum(-1) > 0)).float()  # (N,)
+    hop = dict(z=z.flatten(1), z_last=z_last.flatten(1), z_mirror=z.flip(-1).flatten(1),
+               z_last_mirror=z_last.flip(-1).flatten(1), action=a, died=died)  # (N,128) x4, (N,) x2
+    m = mdnrnn.MDNRNN(128, 16, 2, hop=danger.HopHead(128, grid=True))
+    opt = torch.optim.Adam(m.parameters(), lr=1e-3)
+    lstm_before = m.lstm.weight_ih_l0.clone()
+    for epoch in range(8):
+        bce = danger.hop_epoch(m, opt, hop, torch.arange(2500), np.random.default_rng(epoch), 64, "cpu")
+    assert bce < 0.3 and danger.hop_auc(m, hop, torch.arange(2500, 3000)) > 0.95
+    assert torch.equal(m.lstm.weight_ih_l0, lstm_before)  # the hop head learns alone: M's LSTM is untouched
+    assert np.isnan(danger.hop_auc(m, hop, torch.arange(0)))
 
 
 # ---------------------------------------------------------------- controller.py
@@ -555,9 +577,10 @@ def test_controller_trained_in_the_dream(tiny_run, tmp_path):
     assert all(r["agent_steps_per_s"] > 0 for r in rows)
     real_checks = rows[-1]["env_steps"]  # the start's 3 validation levels, then 2 candidates x 3 levels
     assert 0 < real_checks <= (3 + 2 * 3) * 500 and torch.load(out, weights_only=True)["env_steps"] == real_checks
-    with pytest.raises(SystemExit) as e:
-        CConfig(inputs="zhd", controller_env="dream")
-    assert "a dream has none" in str(e.value)
+    for inputs in ("zhd", "zhm"):
+        with pytest.raises(SystemExit) as e:
+            CConfig(inputs=inputs, controller_env="dream")
+        assert "the dream gives C only z and h" in str(e.value)
 
 
 def test_train_dream_defaults():
@@ -762,19 +785,26 @@ def test_hop_then_wait_labels_and_auc():
     assert np.array_equal(danger.hop_then_wait("easy", 3000, 16, seed=0)[1], y)  # same seed, same data
     score = np.random.default_rng(0).normal(size=len(y)) + y  # deaths score higher on average
     pairs = [(a > b) + 0.5 * (a == b) for a in score[y > 0] for b in score[y == 0]]  # brute force
-    assert mdnrnn.auc(score, y) == pytest.approx(np.mean(pairs))
+    assert danger.auc(score, y) == pytest.approx(np.mean(pairs))
 
 
 def test_death_probe_scores_every_up_of_held_out_levels(tiny_run):
-    """death_probe plays the same hop-then-wait as D's data (same seed, same UPs), scoring each UP with D and with
-    V + M: its D AUC is D's AUC over hop_then_wait's frame pairs."""
+    """death_probe plays the same hop-then-wait as D's data and M's hop head's (same seed, same UPs), scoring each UP
+    with D and with V + M: its AUCs are D's over hop_then_wait's frame pairs and M's over hop_latents' UPs."""
     torch.manual_seed(0)
     d, v, m = danger.DangerNet().eval(), vae.load_vae(str(tiny_run / "vae.pt")), mdnrnn.load_mdnrnn(str(tiny_run / "mdnrnn.pt"))
     r = danger.death_probe(v, m, d, "easy", steps=1600, num_envs=16, seed=5)
     X, y = danger.hop_then_wait("easy", 1600, 16, seed=5)
     assert r["ups"] == len(y) > 20 and r["deadly"] == pytest.approx(y.mean())
-    assert r["d_auc"] == pytest.approx(mdnrnn.auc(danger.scores(d, X, np.arange(len(y))).numpy(), y), abs=1e-6)
-    assert 0 <= r["m_auc"] <= 1 and 0 <= r["m_auc_next_step"] <= 1
+    assert r["d_auc"] == pytest.approx(danger.auc(danger.scores(d, X, np.arange(len(y))).numpy(), y), abs=1e-6)
+    h = danger.hop_latents(v, "easy", 1600, 16, seed=5)  # the same play, every move, as V sees it
+    up = h["action"] == collect.UP
+    assert np.array_equal(h["died"][up], y) and set(np.unique(h["action"])) == set(range(5))
+    with torch.no_grad():
+        m_logit = m.hop(torch.from_numpy(h["z"][up]), torch.from_numpy(h["z_last"][up]), torch.full((len(y),), collect.UP))
+    assert r["m_auc"] == pytest.approx(danger.auc(m_logit.numpy(), y), abs=1e-6)
+    m.hop = None  # an M without a hop head (from before it, or --hop-steps 0): no answer, no crash
+    assert danger.death_probe(v, m, d, "easy", steps=160, num_envs=16, seed=5)["m_auc"] is None
     assert danger.death_probe(v, m, None, "easy", steps=160, num_envs=16, seed=5)["d_auc"] is None
     assert danger.death_probe(v, m, d, "easy", steps=3, seed=5)["ups"] == 0  # too short for an UP to end: no crash
 
@@ -1027,7 +1057,8 @@ def test_a_collection_is_continued_only_with_its_own_flags(tiny_run, tmp_path):
 def test_stages_refuse_other_flags_and_changed_inputs(tiny_run, tmp_path):
     r = copy_run(tiny_run, tmp_path, "data", "vae.pt", "mdnrnn.pt", "latents", "controller.pt")
     v = dict(data=str(r / "data"), out=str(r / "vae.pt"), z_dim=8, spatial=False, batch_size=64, resume=True)
-    m = dict(data=str(r / "data"), vae=str(r / "vae.pt"), out=str(r / "mdnrnn.pt"), hidden=16, gaussians=2, resume=True)
+    m = dict(data=str(r / "data"), vae=str(r / "vae.pt"), out=str(r / "mdnrnn.pt"), hidden=16, gaussians=2,
+             hop_steps=1024, resume=True)
     c = dict(vae=str(r / "vae.pt"), mdnrnn=str(r / "mdnrnn.pt"), out=str(r / "controller.pt"), inputs="zh", popsize=4,
              levels=2, eval_every=1, eval_levels=2, workers=1, resume=True)
     for train, cfg, flag in ((vae.train, VAEConfig(**{**v, "z_dim": 16}), "--z-dim 16"),
@@ -1072,7 +1103,9 @@ def test_train_refuses_a_changed_flag_on_an_existing_run(tmp_path):
                                   ["--inputs", "zhd", "--danger-steps", "0"], ["--spatial", "ture"],
                                   ["--temperature", "0"], ["--temperature", "-1"], ["--device", "tpu"],
                                   ["--pool", "dask"],
-                                  ["--controller-env", "dream", "--inputs", "zhd", "--danger-steps", "100"]])
+                                  ["--controller-env", "dream", "--inputs", "zhd", "--danger-steps", "100"],
+                                  ["--inputs", "zhm", "--hop-steps", "0", "--danger-steps", "0"], ["--hop-steps", "-1"],
+                                  ["--controller-env", "dream", "--inputs", "zhm", "--danger-steps", "0"]])
 def test_bad_flag_values_get_one_line_before_anything_is_written(tmp_path, argv, capsys):
     import train
     with pytest.raises(SystemExit) as e:
@@ -1109,7 +1142,7 @@ def tiny_pipeline(out, seed):
     vae.train(VAEConfig(data=str(out / "data"), out=str(out / "vae.pt"), z_dim=8, spatial=False, epochs=1,
                         batch_size=64, seed=seed))
     mdnrnn.train(MDNConfig(data=str(out / "data"), vae=str(out / "vae.pt"), out=str(out / "mdnrnn.pt"), hidden=16,
-                           gaussians=2, epochs=1, seed=seed))
+                           gaussians=2, epochs=1, hop_steps=1024, seed=seed))
     danger.train(danger.DangerConfig(out=str(out / "danger.pt"), steps=2048, num_envs=32, epochs=1, seed=seed))
     controller.train(CConfig(vae=str(out / "vae.pt"), mdnrnn=str(out / "mdnrnn.pt"), danger=str(out / "danger.pt"),
                              out=str(out / "controller.pt"), popsize=4, levels=2, eval_every=1, eval_levels=2,
@@ -1179,7 +1212,8 @@ def test_a_corrupt_latent_file_gets_one_line(tiny_run, tmp_path):
     r = copy_run(tiny_run, tmp_path, "data", "vae.pt", "latents")
     first = sorted((r / "latents").iterdir())[0]
     first.write_bytes(first.read_bytes()[:100])  # truncated
-    cfg = MDNConfig(data=str(r / "data"), vae=str(r / "vae.pt"), out=str(r / "m.pt"), hidden=16, gaussians=2)
+    cfg = MDNConfig(data=str(r / "data"), vae=str(r / "vae.pt"), out=str(r / "m.pt"), hidden=16, gaussians=2,
+                    hop_steps=0)
     with pytest.raises(SystemExit) as e:
         mdnrnn.train(cfg)
     assert str(e.value).startswith(f"error: {first}: not a readable encoded episode") and "\n" not in str(e.value)

@@ -43,6 +43,7 @@ class TrainConfig:
     hidden: int = 256  # M's LSTM units
     gaussians: int = 5  # M's mixture components per latent dim
     mdn_epochs: int = 30  # passes of M over the sequences (its held-out NLL and death AUC still improve from 10 to 30)
+    hop_steps: int = 400_000  # env steps of hop-then-wait play that M's hop head learns from (0: none)
     danger_steps: int = 400_000  # env steps of hop-then-wait play that D learns from (0: no D)
     danger_epochs: int = 20  # passes of D over the recorded UPs (mirrored at random)
     generations: int = 30  # CMA-ES generations
@@ -51,7 +52,7 @@ class TrainConfig:
     max_steps: int = 250  # fitness episodes stop here (the held-out test plays the game's full 500)
     sigma0: float = 0.5  # CMA-ES initial step size
     danger_prior: float = 1.0  # CMA-ES starts at "UP iff D's logit < 0, else no-op" (0: starts at zero)
-    inputs: Literal["z", "zh", "zhd"] = "zhd"  # what C reads: z, [z, h] (Ha's), [z, h] and D's logit (needs D)
+    inputs: Literal["z", "zh", "zhd", "zhm"] = "zhd"  # C reads z, [z, h] (Ha's), [z, h] + D's logit d or M's hop m
     controller_env: Literal["real", "dream"] = "real"  # C's fitness: the game, or M's dream (then zh and no D)
     temperature: float = 1.15  # the dream's tau (Ha: 1.15 for Doom)
     dream_episodes: int = 256  # dream episodes per candidate per generation
@@ -68,21 +69,23 @@ class TrainConfig:
         collect.check_flags(self, at_least=dict(
             episodes=1, z_dim=1, vae_epochs=1, hidden=1, gaussians=1, mdn_epochs=1, danger_steps=0, danger_epochs=1,
             generations=1, popsize=2, levels=1, max_steps=1, eval_every=1, eval_levels=1, workers=0, eval_episodes=0,
-            death_steps=0, up_prob=0, dream_episodes=1), above=dict(sigma0=0, temperature=0))
+            death_steps=0, up_prob=0, dream_episodes=1, hop_steps=0), above=dict(sigma0=0, temperature=0))
         vae.pick_device(self.device)
         if self.spatial and self.z_dim % 64:
             collect.fail(f"--z-dim {self.z_dim}: a spatial V needs a multiple of 64, or --spatial false")
         if ("d" in self.inputs) != (self.danger_steps > 0):
             collect.fail(f"--inputs {self.inputs} with --danger-steps {self.danger_steps}: C reads D (d) exactly "
                          "when D is trained")
-        if self.controller_env == "dream" and "d" in self.inputs:
-            collect.fail("--controller-env dream with --inputs zhd: D reads frames and a dream has none (z or zh)")
+        if "m" in self.inputs and not self.hop_steps:
+            collect.fail(f"--inputs {self.inputs} with --hop-steps 0: C reads M's hop head (m), which needs its play")
+        if self.controller_env == "dream" and self.inputs[-1] in "dm":
+            collect.fail(f"--controller-env dream with --inputs {self.inputs}: the dream gives C only z and h")
 
 
 PRESETS = {
     "tiny": dict(episodes=64, z_dim=64, vae_epochs=1, hidden=32, gaussians=2, mdn_epochs=2, danger_steps=4096,
-                 danger_epochs=1, generations=2, popsize=4, levels=2, eval_every=1, eval_levels=4, eval_episodes=64,
-                 death_steps=640),
+                 danger_epochs=1, hop_steps=4096, generations=2, popsize=4, levels=2, eval_every=1, eval_levels=4,
+                 eval_episodes=64, death_steps=640),
     "default": {},
     "paper": dict(episodes=10000, z_dim=512, spatial=False, vae_epochs=10, hidden=1024, gaussians=16, mdn_epochs=45,
                   danger_steps=0, inputs="zh", generations=100, popsize=30, levels=30),
@@ -151,8 +154,10 @@ def run(cfg):
                             seed=cfg.seed, resume=True, device=cfg.device))
     print("== 3/5 encode and train M")
     mdnrnn.train(mdnrnn.MDNConfig(data=path("data"), vae=path("vae.pt"), out=path("mdnrnn.pt"), hidden=cfg.hidden,
-                                  gaussians=cfg.gaussians, epochs=cfg.mdn_epochs, seed=cfg.seed, resume=True,
+                                  gaussians=cfg.gaussians, epochs=cfg.mdn_epochs, hop_steps=cfg.hop_steps,
+                                  distribution_mode=cfg.distribution_mode, seed=cfg.seed, resume=True,
                                   device=cfg.device))
+    m_steps = mdnrnn.hop_env_steps(cfg.hop_steps)
     print("== 4/5 train D on hop-then-wait play" if cfg.danger_steps else "== 4/5 no D (--danger-steps 0)")
     if cfg.danger_steps:
         danger.train(danger.DangerConfig(out=path("danger.pt"), distribution_mode=cfg.distribution_mode,
@@ -168,11 +173,11 @@ def run(cfg):
     c_steps = vae.load_checkpoint(path("controller.pt"))["env_steps"]
     peak = max(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
     summary = dict(run=cfg.out, minutes=(time.time() - t0) / 60, peak_rss_gb=peak / 2**20,  # ru_maxrss is in KB
-                   collect_env_steps=c["env_steps"],
+                   collect_env_steps=c["env_steps"], hop_env_steps=m_steps,
                    danger_env_steps=int(d_steps), controller_env_steps=int(c_steps),
-                   env_steps=int(c["env_steps"] + d_steps + c_steps))
+                   env_steps=int(c["env_steps"] + m_steps + d_steps + c_steps))
     print(f"trained in {summary['minutes']:.1f} min, peak memory (RSS) {summary['peak_rss_gb']:.2f} GB; "
-          f"real env steps: collection {c['env_steps']:,} + D's play "
+          f"real env steps: collection {c['env_steps']:,} + M's hop play {m_steps:,} + D's play "
           f"{int(d_steps):,} + C's real rollouts {int(c_steps):,} = {summary['env_steps']:,}")
     if cfg.eval_episodes:  # summary.json holds the last run that was tested; an untested resume keeps it
         print(f"== held-out test: {cfg.eval_episodes} episodes on levels training never used")
