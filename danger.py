@@ -1,13 +1,13 @@
-"""D: a danger head, P(this UP is deadly | this frame, the last frame), for C to read.
+"""What kills the frog: "hop, then wait" play, and two answers to "does this move kill?" learnt from it.
 
-Not in Ha & Schmidhuber: it plays the part of M's done head (the Doom experiment, section 4), which
-cannot learn leaper's deaths here. Random play labels a death blurrily (did the frog die of this hop
-or of the next?) and V's z blurs the frog and the cars; the done head stays at chance. D is trained
-on "hop, then wait" play instead (a move, then 5-12 no-ops, so a death before the next move belongs
-to that move), from the pixels of two frames (the cars' speeds need two). See the README: "Why C
-stops at always-UP" for the measurements that led here.
+Random play labels a death blurrily (did the frog die of this hop or of the next?), so M's death head
+on the LSTM's h stays near chance. Hop-then-wait play (a move, then 5-12 no-ops) ties each death to one
+move. From it learn M's hop head (HopHead, a part of the world model: it reads V's z of two frames;
+trained in mdnrnn.py's stage with hop_latents, hop_epoch) and D (DangerNet, not in Ha & Schmidhuber: a
+CNN on the pixels of two frames, the cars' speeds need two), for C to read. death_probe scores both on
+held-out levels. See the README: "Does the world model know what kills?".
 
-    python danger.py --out runs/danger.pt --steps 400000
+    python danger.py --out runs/danger.pt --steps 400000      # D (M's hop head trains in mdnrnn.py)
 """
 import dataclasses
 import json

@@ -394,6 +394,16 @@ def test_m_trains_on_encoded_episodes(tiny_run):
     assert mdnrnn.load_mdnrnn(str(tiny_run / "mdnrnn.pt")).hop is not None
 
 
+def test_c_on_m_hop_danger_trains_and_plays_without_d(tiny_run, tmp_path):
+    r = copy_run(tiny_run, tmp_path, "vae.pt", "mdnrnn.pt")
+    controller.train(CConfig(vae=str(r / "vae.pt"), mdnrnn=str(r / "mdnrnn.pt"), out=str(r / "controller.pt"),
+                             inputs="zhm", generations=1, popsize=4, levels=2, eval_every=1, eval_levels=2, workers=1))
+    agent = evaluate.load_agent(str(r))  # no danger.pt: C reads M's hop head
+    assert agent.inputs == "zhm" and agent.danger is None and not os.path.exists(r / "danger.pt")
+    returns, lengths = evaluate.play(agent, 8, TEST_SEED, "easy")
+    assert returns.shape == (8,) and lengths.min() >= 1
+
+
 def test_c_reads_m_hop_danger_of_an_up(tiny_run):
     """--inputs zhm: C's last input is M's hop head on (z, the last frame's z, UP); from D's start point C plays
     "UP iff that logit < 0, else no-op". Checked against the hop head called by hand, two steps of 8 envs."""
@@ -901,8 +911,9 @@ def test_train_tiny_survives_interrupts_then_skips(tmp_path):
     assert all(os.path.getmtime(out / p) == t for p, t in mtimes.items())
     summary = json.load(open(out / "summary.json"))  # from the tested first run, not the resume
     assert summary["collect_env_steps"] > 0 and summary["test"]["agent"]["episodes"] == 40
-    assert summary["danger_env_steps"] == 4096 and summary["env_steps"] == (
-        summary["collect_env_steps"] + summary["danger_env_steps"] + summary["controller_env_steps"])
+    assert summary["danger_env_steps"] == summary["hop_env_steps"] == 4096 and summary["env_steps"] == (
+        summary["collect_env_steps"] + summary["hop_env_steps"] + summary["danger_env_steps"]
+        + summary["controller_env_steps"])
     assert f"collection {summary['collect_env_steps']:,} " in again.stdout  # the resume still counts them
     for p in mtimes:  # float16 weights, no optimizer or CMA state: smaller, and the agent still loads
         assert os.path.getsize(tmp_path / "exported" / p) < os.path.getsize(out / p)
@@ -925,15 +936,16 @@ def test_cli_booleans_help_and_choices(capsys):
     with pytest.raises(SystemExit):
         collect.cli(CConfig, ["--help"])
     out = " ".join(capsys.readouterr().out.split())  # --help, re-wrapped: every field's comment and default
-    assert "what C reads: z, [z, h] (Ha's C), or [z, h] and D's logit d (default: zhd)" in out
-    assert "{z,zh,zhd}" in out and "--resume [BOOL]" in out
+    assert "C reads z, [z, h] (Ha's) or [z, h] + D's (d) or M's (m) logit (default: zhd)" in out
+    assert "{z,zh,zhd,zhm}" in out and "--resume [BOOL]" in out
 
 
 def test_module_defaults_are_the_pipelines():
     import train
     t = train.TrainConfig()
     assert (VAEConfig.z_dim, VAEConfig.spatial, VAEConfig.epochs) == (t.z_dim, t.spatial, t.vae_epochs)
-    assert (MDNConfig.hidden, MDNConfig.gaussians, MDNConfig.epochs) == (t.hidden, t.gaussians, t.mdn_epochs)
+    assert (MDNConfig.hidden, MDNConfig.gaussians, MDNConfig.epochs, MDNConfig.hop_steps) == (
+        t.hidden, t.gaussians, t.mdn_epochs, t.hop_steps)
     assert (CConfig.generations, CConfig.inputs, CConfig.popsize, CConfig.levels) == (
         t.generations, t.inputs, t.popsize, t.levels)
     assert (CollectConfig.episodes, danger.DangerConfig.steps, danger.DangerConfig.epochs) == (
@@ -1013,7 +1025,7 @@ def test_workers_that_keep_dying_stop_the_run_with_one_line(tiny_run, tmp_path, 
 
 
 TINY = {"collect.py": "--episodes 24 --num-envs 8", "vae.py": "--z-dim 64 --epochs 1 --batch-size 64",
-        "mdnrnn.py": "--hidden 16 --gaussians 2 --epochs 1", "danger.py": "--steps 4096 --num-envs 32 --epochs 1",
+        "mdnrnn.py": "--hidden 16 --gaussians 2 --epochs 1 --hop-steps 1024", "danger.py": "--steps 4096 --num-envs 32 --epochs 1",
         "controller.py": "--generations 1 --popsize 4 --levels 2 --eval-every 1 --eval-levels 2 --workers 1",
         "evaluate.py": "--episodes 8 --pictures false --death-steps 640"}
 

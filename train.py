@@ -1,10 +1,11 @@
 """The whole World Models pipeline in one command (Ha & Schmidhuber 2018, section 3's recipe):
-collect random rollouts -> train V -> encode them and train M -> train D, a danger head, on
-hop-then-wait play (our addition) -> evolve C with CMA-ES, then test the agent on held-out levels
-next to the random and always-UP baselines.
+collect random rollouts -> train V -> encode them and train M (and its hop head, on hop-then-wait
+play) -> train D, a danger CNN, on the same kind of play (our addition) -> evolve C with CMA-ES, then
+test the agent on held-out levels next to the random and always-UP baselines.
 
     python train.py                                   # default preset, easy mode, runs/easy-default
     python train.py --preset tiny --out /tmp/tiny     # the whole pipeline in a few minutes
+    python train.py --inputs zhm --danger-steps 0     # no D: C reads M's hop head
     python train.py --distribution-mode hard --preset paper
 
 Everything goes into one run dir. A stage whose output is complete is skipped, an unfinished one
@@ -152,12 +153,12 @@ def run(cfg):
     vae.train(vae.VAEConfig(data=path("data"), out=path("vae.pt"), z_dim=cfg.z_dim, spatial=cfg.spatial,
                             epochs=cfg.vae_epochs, fg_weight=cfg.fg_weight, kl_tolerance=cfg.kl_tolerance,
                             seed=cfg.seed, resume=True, device=cfg.device))
-    print("== 3/5 encode and train M")
+    print("== 3/5 encode, play hop-then-wait for M's hop head, and train M")
     mdnrnn.train(mdnrnn.MDNConfig(data=path("data"), vae=path("vae.pt"), out=path("mdnrnn.pt"), hidden=cfg.hidden,
                                   gaussians=cfg.gaussians, epochs=cfg.mdn_epochs, hop_steps=cfg.hop_steps,
                                   distribution_mode=cfg.distribution_mode, seed=cfg.seed, resume=True,
                                   device=cfg.device))
-    m_steps = mdnrnn.hop_env_steps(cfg.hop_steps)
+    m_steps = danger.hop_env_steps(cfg.hop_steps)
     print("== 4/5 train D on hop-then-wait play" if cfg.danger_steps else "== 4/5 no D (--danger-steps 0)")
     if cfg.danger_steps:
         danger.train(danger.DangerConfig(out=path("danger.pt"), distribution_mode=cfg.distribution_mode,
