@@ -177,7 +177,8 @@ def hop_epoch(model, opt, hop, idx, rng, batch_size, dev):
     symmetric: cars and logs just run the other way). -> the mean BCE (nan without moves)."""
     total, perm = 0.0, idx[rng.permutation(len(idx))]
     for i in range(0, len(perm), batch_size):
-        b, m = perm[i:i + batch_size], torch.from_numpy(rng.random(len(perm[i:i + batch_size])) < 0.5)
+        b = perm[i:i + batch_size]
+        m = torch.from_numpy(rng.random(len(b)) < 0.5)  # (B,) the moves seen in the mirror
         z, z_last = (torch.where(m[:, None], hop[k + "_mirror"][b], hop[k][b]).to(dev) for k in ("z", "z_last"))
         a = torch.where(m, MIRROR[hop["action"][b]], hop["action"][b]).to(dev)  # (B,)
         loss = F.binary_cross_entropy_with_logits(model.hop(z, z_last, a), hop["died"][b].to(dev))
@@ -192,7 +193,7 @@ def hop_epoch(model, opt, hop, idx, rng, batch_size, dev):
 def hop_auc(model, hop, idx):
     """AUC of M's hop head over the held-out UPs (nan without both classes): the test D is measured by."""
     model.eval()
-    up = idx[hop["action"][idx] == 3] if hop is not None else idx  # 3: UP (collect.UP)
+    up = idx[hop["action"][idx] == UP] if hop is not None else idx
     if not len(up):
         return float("nan")
     dev = next(model.parameters()).device
