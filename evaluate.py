@@ -223,7 +223,7 @@ def curves_png(run_dir, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     panels = [("vae", "epoch", ["loss", "recon", "test_sq_err"], ["kl"], "V: summed squared error / KL"),
-              ("mdnrnn", "epoch", ["nll", "test_nll"], ["win_bce", "death_bce", "hop_bce"], "M: z NLL / win, death, hop BCE"),
+              ("mdnrnn", "epoch", ["nll", "test_nll"], ["win_bce", "death_bce", "hop_bce"], "M: z NLL / BCEs"),
               ("danger", "epoch", ["test_auc"], ["bce"], "D: held-out AUC / BCE"),
               ("controller", "generation", ["best", "mean", "val_mean"], [], "C: return (CMA-ES)")]
     panels = [(read_jsonl(os.path.join(run_dir, name + ".jsonl")), *rest) for name, *rest in panels
