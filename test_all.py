@@ -749,6 +749,32 @@ def test_danger_probe_rule_waits_when_told():
     assert (deadly.act(frames, first) == collect.ACTIONS[collect.ACTION_NAMES.index("NONE")]).all()  # wait
 
 
+def test_rules_probe_counts_steps_since_the_last_up(tiny_run, capsys, one_torch_thread):
+    """docs/probe_rules.py: Counting freezes each env's "steps since its last UP" when its episode ends, and the
+    probe plays M's hop head rule (tiny_run has no D) with a shifted threshold."""
+    probe = load_probe("probe_rules")
+    up, none = collect.ACTIONS[collect.UP], collect.ACTIONS[collect.NONE]
+    script = iter([[up, up], [none, none], [none, up], [up, up]])  # env 0 plays 4 steps, env 1 only 2
+    fake = type("Fake", (), dict(reset=lambda self, n: None, act=lambda self, obs, first, alive: np.array(next(script))))
+    counting = probe.Counting(fake())
+    counting.reset(2)
+    for alive in ([True, True], [True, True], [True, False], [True, False]):
+        counting.act(np.zeros((2, 64, 64, 3), np.uint8), np.zeros(2, bool), np.array(alive))
+    assert counting.final.tolist() == [0, 1]  # env 0: UP at its last step; env 1: one NONE after its last UP
+    probe.main(probe.ProbeConfig(run=str(tiny_run), episodes=4, thresholds="0,-2"))
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("M hop head")]
+    assert [r.split(",")[1].split()[:2] for r in rows] == [["thr", "0"], ["thr", "-2"]]
+
+
+def test_shape_v_probe_trains_v_through_the_hop_loss(tiny_run, capsys, one_torch_thread):
+    """docs/probe_shape_v.py: a few joint steps change V's encoder and report the hop head's AUC and the rule."""
+    probe = load_probe("probe_shape_v")
+    probe.main(probe.ProbeConfig(run=str(tiny_run), hop_steps=1024, steps=2, episodes=4))
+    out = capsys.readouterr().out
+    before, after = (float(line.split()[-1]) for line in out.splitlines() if "error per frame" in line)
+    assert before != after and "held-out UP AUC" in out and "of 4 held-out levels won" in out
+
+
 def test_wilson_and_summarize():
     # By hand, z = 1.96, 5/10: centre 0.5, half width 1.96 * sqrt(0.025 + 0.009604) / 1.38416 = 0.26340.
     assert evaluate.wilson(5, 10) == pytest.approx([0.23660, 0.76340], abs=1e-4)
