@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from collect import ACTIONS, MAX_STEPS, NONE, UP, check_flags, cli, fail, interruptible, make_env
-from danger import load_danger, start_point
+from collect import ACTIONS, MAX_STEPS, NONE, check_flags, cli, fail, interruptible, make_env
+from danger import danger_logit, load_danger, start_point
 from mdnrnn import dream, load_mdnrnn
 from vae import identity, load_checkpoint, load_vae, resume_point, save_atomic, to_input
 
@@ -107,8 +107,7 @@ class Agent:
             return actions
         z = self.vae.encode(to_input(obs[idx]))[0]  # V: (n,Z), mu, no sampling at control time (as Ha)
         z_last, self.z_last[idx] = torch.where(torch.from_numpy(first[idx])[:, None], z, self.z_last[idx]), z  # (n,Z)
-        d = (self.danger(obs[idx], last[idx]) if "d" in self.inputs else self.mdn.hop(z, z_last, torch.full(
-            (len(z),), UP)) if "m" in self.inputs else None)  # (n,): "UP kills" by D or by M's hop head, or None
+        d = danger_logit(self.inputs, self.danger, self.mdn, z, z_last, obs[idx], last[idx])  # (n,) or None
         weights = self.weights if self.weights.dim() == 2 else self.weights[idx]
         a = choose(weights, features(z, h[0, idx], self.inputs, d))  # C: (n,) action indices
         h[:, idx], c[:, idx] = self.mdn.advance(z, a, (h[:, idx], c[:, idx]))  # M remembers what was done

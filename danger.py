@@ -270,6 +270,11 @@ def death_probe(vae, mdn, danger=None, distribution_mode="easy", steps=50_000, n
                 m_auc=auc(S[:, 1], y) if mdn.hop is not None else None)
 
 
+def danger_logit(inputs, d, mdn, z, z_last, obs, last):
+    """C's "UP kills" input (n,): D's logit on two frames (n,64,64,3), M's hop head's on two z's (n,Z), or None."""
+    return d(obs, last) if "d" in inputs else mdn.hop(z, z_last, torch.full((len(z),), UP)) if "m" in inputs else None
+
+
 def start_point(n_params, inputs, danger_prior=0.0):
     """C's start for CMA-ES (5,n_features+1), bias last: zero, or with d (or m) and danger_prior the controller it
     implies, "UP iff that logit < 0, else no-op", a prior the search can leave (in hard mode CMA-ES from zero missed

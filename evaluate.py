@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from collect import ACTION_NAMES, ACTIONS, MAX_STEPS, UP, check_flags, cli, fail, interruptible, make_env, random_policy
 from controller import Agent, choose, features, input_sizes
-from danger import death_probe, load_danger
+from danger import danger_logit, death_probe, load_danger
 from mdnrnn import dream as mdn_dream
 from mdnrnn import load_mdnrnn
 from vae import encode, load_checkpoint, load_vae, reconstruction_grid, to_input
@@ -193,8 +193,8 @@ def dream(agent, frame, steps=60, tau=1.15, seed=0):
     def policy(z, h, idx):  # (1,Z), (1,H): C on M's z; D (if C reads it) on V's pictures, M's hop head on z
         frames.append(decode(agent.vae, z))
         zs.append(z)
-        d = (agent.danger(frames[-1], frames[max(len(frames) - 2, 0)]) if "d" in agent.inputs else agent.mdn.hop(
-            z, zs[max(len(zs) - 2, 0)], torch.full((1,), UP)) if "m" in agent.inputs else None)
+        d = danger_logit(agent.inputs, agent.danger, agent.mdn, z, zs[max(len(zs) - 2, 0)], frames[-1],
+                         frames[max(len(frames) - 2, 0)])  # (1,) or None: as Agent.act, on V's pictures of z
         actions.append(int(choose(agent.weights, features(z, h, agent.inputs, d))))
         return torch.tensor(actions[-1:])
     ret, length = mdn_dream(agent.mdn, policy, agent.vae.encode(to_input(frame[None]))[0], tau, max_steps=steps)
