@@ -6,7 +6,7 @@ alone blurs what decides a hop. Here V (from --run's vae.pt) and a new danger.Ho
 V's ELBO on a batch of the run's frames (vae.vae_loss, as V was trained) plus --hop-weight times the hop head's
 BCE on a batch of hop-then-wait moves (all 5 moves, half mirrored, as in M's stage), through V's encoder. Printed:
 the hop head's AUC on the held-out probe's UPs (evaluate.py's level stream), V's held-out error before and after,
-and C's start point "UP iff the hop logit < thr, else wait" (controller.Agent, no search) on held-out levels.
+and C's start point "UP iff the hop logit < 0, else wait" (controller.Agent, no search) on held-out levels.
 
     python docs/probe_shape_v.py --run runs --steps 6000 --hop-steps 800000
 """
