@@ -66,8 +66,8 @@ def main(cfg):
     def encode(frames):  # uint8 (n,64,64,3), maybe a mirrored view -> V's mu (n,Z)
         return vae.encode(to_input(np.ascontiguousarray(frames)))[0]
 
-    def hop_logits(x):  # moves (n,64,64,7) -> the hop head's logits (n,)
-        return head(encode(x[..., :3]), encode(x[..., 3:6]), torch.from_numpy(x[:, 0, 0, 6].astype(np.int64)))
+    def hop_logits(x, a):  # moves (n,64,64,7), their actions (n,) -> the hop head's logits (n,)
+        return head(encode(x[..., :3]), encode(x[..., 3:6]), torch.from_numpy(a.astype(np.int64)))
 
     t0, bce = time.time(), []
     for step in range(cfg.steps):
@@ -76,9 +76,9 @@ def main(cfg):
         recon, mu, logvar = vae(x)
         elbo = vae_loss(x, recon, mu, logvar, 1 + 10 * torch.from_numpy(masks)[:, None].float(), 1.0, 0.5)[0]
         b, m = rng.choice(len(y), 64), rng.random(64) < 0.5  # 64 moves, half of them seen in a mirror
-        xb = np.where(m[:, None, None, None], X[b][:, :, ::-1], X[b])  # (64,64,64,7): flip the width
-        xb[:, 0, 0, 6] = np.where(m, MIRROR.numpy()[xb[:, 0, 0, 6]], xb[:, 0, 0, 6])  # LEFT <-> RIGHT
-        hop = F.binary_cross_entropy_with_logits(hop_logits(xb), torch.from_numpy(y[b]))
+        xb, a = X[b], X[b, 0, 0, 6]  # (64,64,64,7), (64,)
+        xb, a = np.where(m[:, None, None, None], xb[:, :, ::-1], xb), np.where(m, MIRROR.numpy()[a], a)  # LEFT<->RIGHT
+        hop = F.binary_cross_entropy_with_logits(hop_logits(xb, a), torch.from_numpy(y[b]))
         opt.zero_grad()
         (elbo + cfg.hop_weight * hop).backward()
         opt.step()
@@ -86,7 +86,8 @@ def main(cfg):
         if (step + 1) % 1000 == 0 or step + 1 == cfg.steps:
             vae.eval(), head.eval()
             with torch.no_grad():
-                s = torch.cat([hop_logits(X_test[i:i + 512]) for i in range(0, len(X_test), 512)]).numpy()
+                s = torch.cat([hop_logits(X_test[i:i + 512], X_test[i:i + 512, 0, 0, 6])
+                               for i in range(0, len(X_test), 512)]).numpy()
             vae.train(), head.train()
             print(f"step {step + 1} hop_bce {np.mean(bce[-1000:]):.3f} held-out UP AUC {auc(s, y_test):.3f} "
                   f"{time.time() - t0:.0f}s", flush=True)
