@@ -775,6 +775,25 @@ def test_shape_v_probe_trains_v_through_the_hop_loss(tiny_run, capsys, one_torch
     assert before != after and "held-out UP AUC" in out and "of 4 held-out levels won" in out
 
 
+def test_dream_dynamics_probe_feeds_m_its_own_point_estimates(tiny_run, capsys, one_torch_thread):
+    """docs/probe_dream_dynamics.py: open_loop feeds M its own mixture mean (or likeliest component) step after
+    step; main plays the real hop and wait trajectories and prints one row per step."""
+    probe = load_probe("probe_dream_dynamics")
+
+    class Shift:  # two components: z + 1 with weight sigmoid(2), z - 1 with weight sigmoid(-2)
+        def step(self, z, a, state):
+            mu = torch.stack([z + 1, z - 1], -1)[:, None]  # (N,1,Z,2)
+            pi = torch.tensor([2.0, 0.0]).expand_as(mu)
+            return (pi, mu, torch.zeros_like(mu)), None, None, state
+    z0 = torch.zeros(3, 4)
+    p = torch.sigmoid(torch.tensor(2.0)).item()
+    assert torch.allclose(probe.open_loop(Shift(), z0, [0, 0, 0], "mode")[-1], torch.full((3, 4), 3.0))
+    assert torch.allclose(probe.open_loop(Shift(), z0, [0, 0, 0], "mean")[-1], torch.full((3, 4), 3 * (2 * p - 1)))
+    res = probe.main(probe.ProbeConfig(run=str(tiny_run), episodes=4, steps=8, hop_every=4))
+    assert res["noise"] > 0 and res["rows"] and all(0 <= r["closer"] <= 1 for r in res["rows"])
+    assert "closer to hop" in capsys.readouterr().out
+
+
 def test_wilson_and_summarize():
     # By hand, z = 1.96, 5/10: centre 0.5, half width 1.96 * sqrt(0.025 + 0.009604) / 1.38416 = 0.26340.
     assert evaluate.wilson(5, 10) == pytest.approx([0.23660, 0.76340], abs=1e-4)

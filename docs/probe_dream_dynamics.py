@@ -1,0 +1,101 @@
+"""Probe: does M's dream move the frog when C presses UP? M's open-loop prediction beside the real game.
+
+On the same held-out levels the real game is played twice, hop-then-wait (UP every --hop-every steps, NONE
+between) and always-NONE, and V encodes both; the frames differ only by what UP did (the frog). M, fed the
+first real z and then only its own predictions (its point estimate, no sampling: the dream at tau -> 0),
+plays the hop-then-wait actions. For each step t it prints how often M's z is closer to the real hop
+trajectory than to the real wait one (0.5: M cannot tell UP from NONE; below: M dreams the frog standing
+still), M's squared error, and the error of "nothing moves" (the first z copied). It also prints V's
+posterior variance (the noise Ha's z resampling puts into M's training inputs and targets) beside the mean
+frame-to-frame change of z and the change UP makes. Steps after either episode ended are left out.
+
+    python docs/probe_dream_dynamics.py --run runs --episodes 256
+"""
+import os
+import sys
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo's modules
+from collect import ACTIONS, NONE, UP, check_flags, cli, make_env  # noqa: E402
+from mdnrnn import load_mdnrnn  # noqa: E402
+from vae import load_vae, to_input  # noqa: E402
+
+
+@dataclass
+class ProbeConfig:
+    run: str = "runs"  # directory holding vae.pt and mdnrnn.pt
+    distribution_mode: Literal["easy", "hard"] = "easy"  # procgen difficulty of the levels
+    episodes: int = 256  # held-out levels
+    steps: int = 24  # steps of each trajectory
+    hop_every: int = 6  # UP at t = 0, hop_every, 2 hop_every, ...; NONE between
+    point: Literal["mean", "mode"] = "mean"  # M's point estimate: the mixture's mean, or its likeliest component's
+    seed: int = 1_000_003  # level stream (evaluate.py's held-out one)
+
+    def __post_init__(self):
+        check_flags(self, at_least=dict(episodes=1, steps=1, hop_every=1))
+
+
+@torch.no_grad()
+def real_latents(vae, cfg, actions):
+    """V's mu of a real trajectory under fixed actions (T,) on cfg.episodes levels: -> (T+1,N,Z), and (T+1,N)
+    whether the episode is still the first one (CRUCIAL: procgen auto-resets; after a done it is another level)."""
+    env, zs, alive, ok = make_env(cfg.episodes, cfg.distribution_mode, seed=cfg.seed), [], True, []
+    for t in range(len(actions) + 1):
+        _, obs, first = env.observe()
+        alive = alive & ~first if t else np.ones(cfg.episodes, bool)
+        ok.append(alive)
+        zs.append(vae.encode(to_input(obs["rgb"]))[0])  # (N,Z)
+        if t < len(actions):
+            env.act(np.full(cfg.episodes, ACTIONS[actions[t]]))
+    return torch.stack(zs), torch.from_numpy(np.stack(ok))
+
+
+@torch.no_grad()
+def open_loop(mdn, z0, actions, point="mean"):
+    """M fed its own point estimates from z0 (N,Z) under fixed actions (T,): -> (T+1,N,Z), z0 first."""
+    z, state, out = z0, None, [z0]
+    for a in actions:
+        (logit_pi, mu, _), _, _, state = mdn.step(z, torch.full((len(z),), int(a)), state)  # (N,1,Z,K) each
+        logit_pi, mu = logit_pi[:, 0], mu[:, 0]  # (N,Z,K)
+        z = (logit_pi.softmax(-1) * mu).sum(-1) if point == "mean" else \
+            mu.gather(-1, logit_pi.argmax(-1, keepdim=True))[..., 0]  # (N,Z)
+        out.append(z)
+    return torch.stack(out)
+
+
+def main(cfg):
+    vae, mdn = load_vae(os.path.join(cfg.run, "vae.pt")), load_mdnrnn(os.path.join(cfg.run, "mdnrnn.pt"))
+    hop = np.array([UP if t % cfg.hop_every == 0 else NONE for t in range(cfg.steps)])
+    z_hop, ok_hop = real_latents(vae, cfg, hop)
+    z_wait, ok_wait = real_latents(vae, cfg, np.full(cfg.steps, NONE))
+    dream = open_loop(mdn, z_hop[0], hop, cfg.point)  # (T+1,N,Z)
+    sq = lambda a, b: (a - b).pow(2).sum(-1)  # (T+1,N)
+    e_hop, e_wait, up_effect = sq(dream, z_hop), sq(dream, z_wait), sq(z_hop, z_wait)
+    keep = ok_hop & ok_wait & (up_effect > 0)  # (T+1,N): both still on the first level, and UP changed the frame
+    with torch.no_grad():
+        x = to_input(make_env(cfg.episodes, cfg.distribution_mode, seed=cfg.seed).observe()[1]["rgb"])
+        noise = vae.encode(x)[1].exp().sum(-1).mean().item()  # V's posterior variance, summed over z
+    step = sq(z_wait[1:], z_wait[:-1])[ok_wait[1:]].mean().item()
+    print(f"{cfg.run}: {cfg.episodes} {cfg.distribution_mode} levels, UP every {cfg.hop_every} steps, M's {cfg.point}")
+    print(f"V's posterior variance (summed over z, first frames): {noise:.1f}; mean change of z per step (waiting): {step:.1f}")
+    print(f"{'t':>3} {'levels':>6} {'closer to hop':>13} {'M error':>8} {'copy error':>10} {'UP effect':>9}")
+    rows = []
+    for t in range(1, cfg.steps + 1):
+        k = keep[t]
+        if k.any():
+            rows.append(dict(t=t, levels=int(k.sum()), closer=(e_hop[t] < e_wait[t])[k].float().mean().item(),
+                             m_error=e_hop[t][k].mean().item(), copy_error=sq(z_hop[0], z_hop[t])[k].mean().item(),
+                             up_effect=up_effect[t][k].mean().item()))
+            r = rows[-1]
+            print(f"{t:>3} {r['levels']:>6} {r['closer']:>13.2f} {r['m_error']:>8.1f} {r['copy_error']:>10.1f} "
+                  f"{r['up_effect']:>9.1f}")
+    return dict(noise=noise, step=step, rows=rows)
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    main(cli(ProbeConfig))
