@@ -99,9 +99,10 @@ def naive_rollout(v, m, d, params, level_seeds, inputs, max_steps):
     return np.array(returns).reshape(len(params), len(level_seeds)), steps
 
 
-def bench_dream(m, Z, threads, candidates=32, episodes=16):
-    """Agent steps/s of M's dream (mdnrnn.dream): the same 32 candidates x 16 episodes as a generation of real
-    fitness, C on [z, h] (no frames, so no D), M's done head set to end episodes after ~60 steps as real ones do."""
+def bench_dream(m, Z, threads, candidates=32, episodes=256):
+    """Agent steps/s of M's dream (mdnrnn.dream) as controller.py plays it: 32 candidates x 256 dream episodes
+    (--dream-episodes) in one batch, C on [z, h] (no frames, so no D), M's done head set to end episodes after
+    ~60 steps as real ones do."""
     torch.set_num_threads(threads)
     with torch.no_grad():
         m.head.bias[-2:] = torch.tensor([-10.0, -math.log(59)])  # win ~never, done with probability 1/60
