@@ -228,6 +228,23 @@ def test_vae_resume_continues_training(tmp_path):
     assert len(open(tmp_path / "v.jsonl").read().splitlines()) == 2
 
 
+def test_vae_init_starts_from_another_v(tmp_path, capsys):
+    """--init (train.py's later rounds): V starts at the given V's weights (a tiny lr keeps them), records its id,
+    and a V of another shape gets one error line before anything is written."""
+    collect_quiet(tmp_path / "d", episodes=4, num_envs=4)
+    cfg = VAEConfig(data=str(tmp_path / "d"), out=str(tmp_path / "a.pt"), z_dim=4, spatial=False, epochs=1, batch_size=64, holdout=0)
+    vae.train(cfg)
+    tuned = vae.train(VAEConfig(**{**cfg.__dict__, "out": str(tmp_path / "b.pt"), "init": cfg.out, "lr": 1e-12, "seed": 1}))
+    scratch = vae.train(VAEConfig(**{**cfg.__dict__, "out": str(tmp_path / "c.pt"), "lr": 1e-12, "seed": 1}))
+    start = vae.load_vae(cfg.out).state_dict()
+    assert all(torch.allclose(v, start[k], atol=1e-6) for k, v in tuned.state_dict().items())
+    assert not all(torch.allclose(v, start[k], atol=1e-6) for k, v in scratch.state_dict().items())
+    assert torch.load(tmp_path / "b.pt", weights_only=True)["made_from"]["init"] == vae.load_checkpoint(cfg.out)["id"]
+    with pytest.raises(SystemExit) as e:
+        vae.train(VAEConfig(**{**cfg.__dict__, "out": str(tmp_path / "d.pt"), "init": cfg.out, "z_dim": 8}))
+    assert str(e.value).startswith(f"error: --init {cfg.out}: ") and not os.path.exists(tmp_path / "d.pt")
+
+
 # ---------------------------------------------------------------- mdnrnn.py
 
 def m_with_heads(win_p, death_p, z_dim=4, hidden=8):
@@ -963,10 +980,19 @@ def test_train_tiny_survives_interrupts_then_skips(tmp_path):
         assert os.path.exists(out / name), name
     mtimes = {p: os.path.getmtime(out / p) for p in ("vae.pt", "mdnrnn.pt", "danger.pt", "controller.pt")}
     again = run_cli("train.py", "--preset", "tiny", "--out", str(out), "--eval-episodes", "0",
-                    "--export", str(tmp_path / "exported"))
+                    "--export", str(tmp_path / "exported"), "--iterations", "2")  # one more round: Ha's iterative
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "nothing to do" in again.stdout and again.stdout.count("skipping") == 4  # V, M, D and C
+    assert "nothing to do" in again.stdout and again.stdout.count("skipping") == 4  # V, M, D and C of round 1
     assert all(os.path.getmtime(out / p) == t for p, t in mtimes.items())
+    r2, first = out / "round2", collect.list_episodes(str(out / "data"))  # round 2: round 1's data and C's play
+    new = collect.list_episodes(str(r2 / "data"))[len(first):]
+    assert len(new) == 64 and all(os.path.samefile(a, b) for a, b in zip(first, collect.list_episodes(str(r2 / "data"))))
+    for f in new[:8]:
+        ep = collect.load_episode(f)
+        assert ep["done"][-1] and not ep["done"][:-1].any() and set(np.unique(ep["action"])) <= set(range(5))
+    assert vae.load_checkpoint(str(r2 / "vae.pt"))["made_from"]["init"] == vae.load_checkpoint(str(out / "vae.pt"))["id"]
+    assert os.path.samefile(r2 / "danger.pt", out / "danger.pt") and "the agents' play " in again.stdout
+    assert f"exported the agent of {r2} " in again.stdout
     summary = json.load(open(out / "summary.json"))  # from the tested first run, not the resume
     assert summary["collect_env_steps"] > 0 and summary["test"]["agent"]["episodes"] == 40
     assert summary["danger_env_steps"] == summary["hop_env_steps"] == 4096 and summary["env_steps"] == (
@@ -974,7 +1000,7 @@ def test_train_tiny_survives_interrupts_then_skips(tmp_path):
         + summary["controller_env_steps"])
     assert f"collection {summary['collect_env_steps']:,} " in again.stdout  # the resume still counts them
     for p in mtimes:  # float16 weights, no optimizer or CMA state: smaller, and the agent still loads
-        assert os.path.getsize(tmp_path / "exported" / p) < os.path.getsize(out / p)
+        assert os.path.getsize(tmp_path / "exported" / p) < os.path.getsize(r2 / p)
     assert evaluate.load_agent(str(tmp_path / "exported")).act(np.zeros((2, 64, 64, 3), np.uint8), np.ones(2, bool)).shape == (2,)
     refused = run_cli("train.py", "--preset", "tiny", "--out", str(out), "--eval-episodes", "0",
                       "--export", str(tmp_path / "exported"))

@@ -7,9 +7,11 @@ test the agent on held-out levels next to the random and always-UP baselines.
     python train.py --preset tiny --out /tmp/tiny     # the whole pipeline in a few minutes
     python train.py --inputs zhm --danger-steps 0     # no D: C reads M's hop head
     python train.py --distribution-mode hard --preset paper
+    python train.py --iterations 2                    # Ha's iterative training: C plays, V, M and C learn again
 
-Everything goes into one run dir. A stage whose output is complete is skipped, an unfinished one
-resumes, so running the same command again after an interruption continues where it stopped.
+Everything goes into one run dir (later rounds of --iterations into its round2/, round3/, ...). A stage
+whose output is complete is skipped, an unfinished one resumes, so running the same command again after
+an interruption continues where it stopped.
 """
 import argparse
 import dataclasses
@@ -19,6 +21,8 @@ import resource
 import time
 from dataclasses import dataclass
 from typing import Literal
+
+import numpy as np
 
 import collect
 import controller
@@ -65,12 +69,17 @@ class TrainConfig:
     eval_episodes: int = 1000  # held-out episodes of the final summary (0 = skip it)
     death_steps: int = 50_000  # hop-then-wait steps of the summary's "does this UP kill?" test of D and V+M (0: none)
     export: str = ""  # after training, copy the agent's weights (float16, no optimizer) to this new dir
+    iterations: int = 1  # rounds of Ha's iterative training: each later one plays C, then retrains V, M and C on all data
+    explore: float = 0.2  # in rounds after the first, the chance that each step of C's play is a random action
 
     def __post_init__(self):  # the stages' own checks would come only when each starts: check all here
         collect.check_flags(self, at_least=dict(
             episodes=1, z_dim=1, vae_epochs=1, hidden=1, gaussians=1, mdn_epochs=1, danger_steps=0, danger_epochs=1,
             generations=1, popsize=2, levels=1, max_steps=1, eval_every=1, eval_levels=1, workers=0, eval_episodes=0,
-            death_steps=0, up_prob=0, dream_episodes=1, hop_steps=0), above=dict(sigma0=0, temperature=0))
+            death_steps=0, up_prob=0, dream_episodes=1, hop_steps=0, iterations=1, explore=0),
+            above=dict(sigma0=0, temperature=0))
+        if self.explore > 1:
+            collect.fail(f"--explore {self.explore}: a probability, expected 0 to 1")
         vae.pick_device(self.device)
         if self.spatial and self.z_dim % 64:
             collect.fail(f"--z-dim {self.z_dim}: a spatial V needs a multiple of 64, or --spatial false")
@@ -94,7 +103,8 @@ PRESETS = {
 
 
 DREAM = dict(inputs="zh", danger_steps=0)  # --controller-env dream's defaults: C on [z, h], as D needs real frames
-RUN_FLAGS = ("out", "generations", "workers", "pool", "device", "eval_episodes", "death_steps", "export")  # free on a continued run
+RUN_FLAGS = ("out", "generations", "workers", "pool", "device", "eval_episodes", "death_steps", "export",
+             "iterations")  # free on a continued run: more rounds continue it
 
 
 def parse_args(argv=None):
@@ -124,6 +134,95 @@ def export(run_dir, dest):
     print(f"exported the agent of {run_dir} to {dest}")
 
 
+class Explore:
+    """C's play for a later round's data: C's action, or with probability p a uniformly random one. Trap: M's
+    memory inside the agent keeps C's choice, not the random action taken (a small error, of this play only)."""
+
+    def __init__(self, agent, p, seed):
+        self.agent, self.p, self.rng = agent, p, np.random.default_rng(seed)
+
+    def reset(self, num_envs):
+        self.agent.reset(num_envs)
+
+    def act(self, obs, first, alive=None):
+        a = self.agent.act(obs, first, alive)  # (N,) procgen ids: C sees every frame, so its memory goes on
+        random = collect.ACTIONS[self.rng.integers(0, len(collect.ACTIONS), len(a))]  # (N,)
+        return np.where(self.rng.random(len(a)) < self.p, random, a)
+
+
+def play_round(cfg, prev, here, k, chunk=250):
+    """Round k's data (Ha's iterative training, section 5): the last round's episodes (hard links, not copies),
+    then cfg.episodes new ones, the last round's agent playing with --explore on levels of their own (seeds
+    from 2,000,000: no training or test stream uses them), written in collect.py's format. Resumable by chunks
+    of 250 episodes. -> env steps of this play (0 when the data was already complete)."""
+    data, made = os.path.join(here, "data"), os.path.join(here, "data", "collect_config.json")
+    if os.path.exists(made):
+        print(f"round {k}: {data} is complete, nothing to do")
+        return 0
+    os.makedirs(data, exist_ok=True)
+    old = collect.list_episodes(os.path.join(prev, "data"))
+    for i, src in enumerate(old):
+        if not os.path.exists(dst := collect.episode_path(data, i)):
+            os.link(src, dst)  # the same file twice on disk costs nothing; a round never rewrites one
+    agent, index = evaluate.load_agent(prev), {int(a): i for i, a in enumerate(collect.ACTIONS)}
+    steps = 0
+    for c in range(0, cfg.episodes, chunk):
+        n = min(chunk, cfg.episodes - c)
+        if all(os.path.exists(collect.episode_path(data, len(old) + c + j)) for j in range(n)):
+            continue  # written before an interruption (its steps go uncounted, as a skipped collection's)
+        seed = 2_000_000 + 100_000 * cfg.seed + 1_000 * k + c // chunk
+        returns, lengths, eps = evaluate.play(Explore(agent, cfg.explore, seed), n, seed, cfg.distribution_mode,
+                                              record=True, desc=f"round {k} play")
+        for j, (ret, ep) in enumerate(zip(returns, eps)):
+            T = len(ep["action"])
+            reward = np.zeros(T, np.float32)
+            reward[-1] = ret  # leaper pays only at the end
+            collect.savez(collect.episode_path(data, len(old) + c + j), True, obs=ep["obs"], reward=reward,
+                          action=np.array([index[int(a)] for a in ep["action"]], np.int8), done=np.arange(T) == T - 1)
+        steps += int(lengths.sum())
+        print(f"round {k}: {c + n}/{cfg.episodes} episodes of C's play, win fraction {(returns > 0).mean():.3f}")
+    with open(made, "w") as f:  # last: it marks the data complete (and V's data identity)
+        json.dump(dict(round=k, agent=vae.load_checkpoint(os.path.join(prev, "controller.pt")).get("id", ""),
+                       explore=cfg.explore, episodes=cfg.episodes, seed=cfg.seed, env_steps=steps), f)
+    return steps
+
+
+def round_stages(cfg, here, k):
+    """V, M (in the first round also D) and C of round k, all in the dir `here`. -> env steps of M's hop play, D's
+    play and C's rollouts. Later rounds fine-tune the last round's V on all the data, retrain M from scratch
+    (minutes; its latents change with V anyway) and evolve C again from its start point; D stays the first's."""
+    def path(name):
+        return os.path.join(here, name)
+    prev = cfg.out if k <= 2 else os.path.join(cfg.out, f"round{k - 1}")  # the last round's dir
+    tag = "" if k == 1 else f" (round {k} of {cfg.iterations})"
+    print(f"== 2/5 train V{tag}")
+    vae.train(vae.VAEConfig(data=path("data"), out=path("vae.pt"), z_dim=cfg.z_dim, spatial=cfg.spatial,
+                            epochs=cfg.vae_epochs, fg_weight=cfg.fg_weight, kl_tolerance=cfg.kl_tolerance,
+                            seed=cfg.seed, resume=True, init=os.path.join(prev, "vae.pt") if k > 1 else "",
+                            device=cfg.device))
+    print(f"== 3/5 encode, play hop-then-wait for M's hop head, and train M{tag}")
+    mdnrnn.train(mdnrnn.MDNConfig(data=path("data"), vae=path("vae.pt"), out=path("mdnrnn.pt"), hidden=cfg.hidden,
+                                  gaussians=cfg.gaussians, epochs=cfg.mdn_epochs, hop_steps=cfg.hop_steps,
+                                  distribution_mode=cfg.distribution_mode, seed=cfg.seed, resume=True,
+                                  device=cfg.device))
+    print("== 4/5 no D (--danger-steps 0)" if not cfg.danger_steps else "== 4/5 train D on hop-then-wait play"
+          if k == 1 else f"== 4/5 D: the first round's{tag}")
+    if cfg.danger_steps and k == 1:
+        danger.train(danger.DangerConfig(out=path("danger.pt"), distribution_mode=cfg.distribution_mode,
+                                         steps=cfg.danger_steps, epochs=cfg.danger_epochs, seed=cfg.seed, resume=True,
+                                         device=cfg.device))
+    elif cfg.danger_steps and not os.path.exists(path("danger.pt")):
+        os.link(os.path.join(cfg.out, "danger.pt"), path("danger.pt"))  # the round's dir holds a whole agent
+    d_steps = vae.load_checkpoint(path("danger.pt"))["env_steps"] if cfg.danger_steps and k == 1 else 0
+    print(f"== 5/5 evolve C{tag}")
+    shared = ("distribution_mode", "generations", "popsize", "levels", "max_steps", "sigma0", "danger_prior", "inputs",
+              "controller_env", "temperature", "dream_episodes", "eval_every", "eval_levels", "workers", "pool", "seed")
+    ccfg = controller.CConfig(vae=path("vae.pt"), mdnrnn=path("mdnrnn.pt"), out=path("controller.pt"),
+                              danger=path("danger.pt"), resume=True, **{f: getattr(cfg, f) for f in shared})
+    controller.train(ccfg)
+    return danger.hop_env_steps(cfg.hop_steps), int(d_steps), int(vae.load_checkpoint(path("controller.pt"))["env_steps"])
+
+
 def run(cfg):
     if cfg.export and os.path.exists(cfg.export):
         collect.fail(f"--export {cfg.export} exists; choose a new directory")
@@ -149,45 +248,32 @@ def run(cfg):
     elif os.path.exists(path("collect.json")):
         with open(path("collect.json")) as f:
             c = json.load(f)
-    print("== 2/5 train V")
-    vae.train(vae.VAEConfig(data=path("data"), out=path("vae.pt"), z_dim=cfg.z_dim, spatial=cfg.spatial,
-                            epochs=cfg.vae_epochs, fg_weight=cfg.fg_weight, kl_tolerance=cfg.kl_tolerance,
-                            seed=cfg.seed, resume=True, device=cfg.device))
-    print("== 3/5 encode, play hop-then-wait for M's hop head, and train M")
-    mdnrnn.train(mdnrnn.MDNConfig(data=path("data"), vae=path("vae.pt"), out=path("mdnrnn.pt"), hidden=cfg.hidden,
-                                  gaussians=cfg.gaussians, epochs=cfg.mdn_epochs, hop_steps=cfg.hop_steps,
-                                  distribution_mode=cfg.distribution_mode, seed=cfg.seed, resume=True,
-                                  device=cfg.device))
-    m_steps = danger.hop_env_steps(cfg.hop_steps)
-    print("== 4/5 train D on hop-then-wait play" if cfg.danger_steps else "== 4/5 no D (--danger-steps 0)")
-    if cfg.danger_steps:
-        danger.train(danger.DangerConfig(out=path("danger.pt"), distribution_mode=cfg.distribution_mode,
-                                         steps=cfg.danger_steps, epochs=cfg.danger_epochs, seed=cfg.seed, resume=True,
-                                         device=cfg.device))
-    d_steps = vae.load_checkpoint(path("danger.pt"))["env_steps"] if cfg.danger_steps else 0
-    print("== 5/5 evolve C")
-    shared = ("distribution_mode", "generations", "popsize", "levels", "max_steps", "sigma0", "danger_prior", "inputs",
-              "controller_env", "temperature", "dream_episodes", "eval_every", "eval_levels", "workers", "pool", "seed")
-    ccfg = controller.CConfig(vae=path("vae.pt"), mdnrnn=path("mdnrnn.pt"), out=path("controller.pt"),
-                              danger=path("danger.pt"), resume=True, **{k: getattr(cfg, k) for k in shared})
-    controller.train(ccfg)
-    c_steps = vae.load_checkpoint(path("controller.pt"))["env_steps"]
+    rounds = [cfg.out] + [path(f"round{k}") for k in range(2, cfg.iterations + 1)]  # each a whole agent's dir
+    m_steps, d_steps, c_steps, p_steps = *round_stages(cfg, cfg.out, 1), 0
+    for k, here in enumerate(rounds[1:], 2):
+        print(f"== round {k} of {cfg.iterations}: the agent of round {k - 1} plays; V, M and C learn on all the data")
+        play_round(cfg, rounds[k - 2], here, k)
+        with open(os.path.join(here, "data", "collect_config.json")) as f:
+            p_steps += json.load(f)["env_steps"]  # counted also when an earlier, interrupted run played it
+        m, _, cs = round_stages(cfg, here, k)
+        m_steps, c_steps = m_steps + m, c_steps + cs
     peak = max(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
-    summary = dict(run=cfg.out, minutes=(time.time() - t0) / 60, peak_rss_gb=peak / 2**20,  # ru_maxrss is in KB
-                   collect_env_steps=c["env_steps"], hop_env_steps=m_steps,
-                   danger_env_steps=int(d_steps), controller_env_steps=int(c_steps),
-                   env_steps=int(c["env_steps"] + m_steps + d_steps + c_steps))
+    summary = dict(run=rounds[-1], minutes=(time.time() - t0) / 60, peak_rss_gb=peak / 2**20,  # ru_maxrss is in KB
+                   collect_env_steps=c["env_steps"], hop_env_steps=m_steps, danger_env_steps=d_steps,
+                   controller_env_steps=c_steps, agent_play_env_steps=p_steps,
+                   env_steps=int(c["env_steps"] + m_steps + d_steps + c_steps + p_steps))
     print(f"trained in {summary['minutes']:.1f} min, peak memory (RSS) {summary['peak_rss_gb']:.2f} GB; "
           f"real env steps: collection {c['env_steps']:,} + M's hop play {m_steps:,} + D's play "
-          f"{int(d_steps):,} + C's real rollouts {int(c_steps):,} = {summary['env_steps']:,}")
+          f"{d_steps:,} + C's real rollouts {c_steps:,}" + (f" + the agents' play {p_steps:,}" if p_steps else "")
+          + f" = {summary['env_steps']:,}")
     if cfg.eval_episodes:  # summary.json holds the last run that was tested; an untested resume keeps it
-        print(f"== held-out test: {cfg.eval_episodes} episodes on levels training never used")
-        summary["test"] = evaluate.main(evaluate.EvalConfig(run=cfg.out, episodes=cfg.eval_episodes,
-                                                                    death_steps=cfg.death_steps))
+        print(f"== held-out test of {rounds[-1]}: {cfg.eval_episodes} episodes on levels training never used")
+        summary["test"] = evaluate.main(evaluate.EvalConfig(run=rounds[-1], episodes=cfg.eval_episodes,
+                                                            death_steps=cfg.death_steps))
         with open(path("summary.json"), "w") as f:
             json.dump(summary, f, indent=1)
     if cfg.export:
-        export(cfg.out, cfg.export)
+        export(rounds[-1], cfg.export)
     return summary
 
 

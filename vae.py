@@ -45,6 +45,7 @@ class VAEConfig:
     holdout: int = 20  # every holdout-th episode is kept out of training, for the test error
     seed: int = 0  # seeds torch and the shuffling
     resume: bool = False  # continue from --out instead of refusing to overwrite it
+    init: str = ""  # start from this V's weights, not at random (train.py --iterations: the last round's V)
     device: Literal["auto", "cpu", "cuda"] = "auto"  # where to train (auto: the GPU if torch sees one)
 
     def __post_init__(self):  # every flag is checked before anything is written: one error line
@@ -157,7 +158,7 @@ def load_vae(path):
     return model.eval().to(memory_format=torch.channels_last)  # ~30% faster encoding on CPU; equal up to float rounding
 
 
-PATH_FLAGS = ("data", "out", "latents", "vae", "mdnrnn", "danger", "resume", "workers", "pool", "device")  # not what
+PATH_FLAGS = ("data", "out", "latents", "vae", "mdnrnn", "danger", "resume", "init", "workers", "pool", "device")  # not what
 
 
 def identity(config, **made_from):
@@ -229,7 +230,11 @@ def data_identity(data_dir):
 
 
 def train(cfg):
-    made_from = data_identity(cfg.data)
+    init = load_checkpoint(cfg.init) if cfg.init else None  # a V to fine-tune (its id joins what V is made from)
+    made_from = {**data_identity(cfg.data), **(dict(init=init.get("id", "")) if init else {})}
+    if init and (init["config"]["z_dim"], init["config"].get("spatial", False)) != (cfg.z_dim, cfg.spatial):
+        sys.exit(f"error: --init {cfg.init}: a V with z {init['config']['z_dim']}, spatial "
+                 f"{init['config'].get('spatial', False)}; expected --z-dim {cfg.z_dim} --spatial {cfg.spatial}")
     ckpt = resume_point(cfg, made_from=made_from)
     if ckpt and ckpt["epoch"] >= cfg.epochs:
         print(f"V: {cfg.out} already has {cfg.epochs} epochs, skipping")
@@ -241,6 +246,8 @@ def train(cfg):
     rows, held, fg = load_frames(cfg.data, cfg.holdout, cfg.fg_threshold, store)
     train_idx, test_idx = np.flatnonzero(~held), np.flatnonzero(held)
     model, opt, epoch, step, dev = start_training(ConvVAE(cfg.z_dim, cfg.spatial), cfg.lr, ckpt, cfg.device)
+    if init and not ckpt:
+        model.load_state_dict(init["model"])  # fine-tuned on all the data so far (Ha's iterative training)
     base = os.path.splitext(cfg.out)[0]
     pool = test_idx if len(test_idx) >= 8 else train_idx
     show = rows(pool[np.linspace(0, len(pool) - 1, 8).astype(int)])[0]  # 8 fixed frames for the PNG
