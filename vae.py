@@ -38,7 +38,7 @@ class VAEConfig:
     batch_size: int = 128  # frames per gradient step
     lr: float = 1e-3  # Adam learning rate
     beta: float = 1.0  # weight of the KL term once warmed up (1 = a true VAE)
-    beta_warmup: int = 1000  # gradient steps over which beta grows linearly from 0 (seed: by hand)
+    beta_warmup: int = 1000  # gradient steps over which beta grows linearly from 0 (seed: by hand; none with --init)
     kl_tolerance: float = 0.5  # free bits: a total KL below this many nats times z_dim is not penalised
     fg_weight: float = 10.0  # extra weight of pixels that differ from their episode's background
     fg_threshold: int = 24  # a pixel is foreground if some channel differs from the median by more
@@ -263,7 +263,7 @@ def train(cfg):
             frames, masks = rows(perm[i:i + cfg.batch_size])
             x = to_input(frames).to(dev)  # (B,3,64,64)
             weight = 1 + cfg.fg_weight * torch.from_numpy(masks).unsqueeze(1).float().to(dev)  # (B,1,64,64)
-            beta = cfg.beta * min(1.0, step / max(cfg.beta_warmup, 1))
+            beta = cfg.beta * (1.0 if init else min(1.0, step / max(cfg.beta_warmup, 1)))  # a fine-tune: no warm-up
             recon, mu, logvar = model(x)
             loss, rec, kl = vae_loss(x, recon, mu, logvar, weight, beta, cfg.kl_tolerance)
             if not torch.isfinite(loss):
