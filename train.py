@@ -174,6 +174,8 @@ def play_round(cfg, prev, here, k, chunk=250):
         returns, lengths, eps = evaluate.play(Explore(agent, cfg.explore, seed), n, seed, cfg.distribution_mode,
                                               record=True, desc=f"round {k} play")
         for j, (ret, ep) in enumerate(zip(returns, eps)):
+            if os.path.exists(collect.episode_path(data, len(old) + c + j)):
+                continue  # kept from an interrupted run: the same seeded play made it
             T = len(ep["action"])
             reward = np.zeros(T, np.float32)
             reward[-1] = ret  # leaper pays only at the end
