@@ -154,11 +154,12 @@ def play_round(cfg, prev, here, k, chunk=250):
     """Round k's data (Ha's iterative training, section 5): the last round's episodes (hard links, not copies),
     then cfg.episodes new ones, the last round's agent playing with --explore on levels of their own (seeds
     from 2,000,000: no training or test stream uses them), written in collect.py's format. Resumable by chunks
-    of 250 episodes. -> env steps of this play (0 when the data was already complete)."""
+    of 250 episodes. -> env steps of this play (also when an earlier, interrupted run played it)."""
     data, made = os.path.join(here, "data"), os.path.join(here, "data", "collect_config.json")
     if os.path.exists(made):
         print(f"round {k}: {data} is complete, nothing to do")
-        return 0
+        with open(made) as f:
+            return json.load(f)["env_steps"]
     os.makedirs(data, exist_ok=True)
     old = collect.list_episodes(os.path.join(prev, "data"))
     for i, src in enumerate(old):
@@ -254,9 +255,7 @@ def run(cfg):
     m_steps, d_steps, c_steps, p_steps = *round_stages(cfg, cfg.out, 1), 0
     for k, here in enumerate(rounds[1:], 2):
         print(f"== round {k} of {cfg.iterations}: the agent of round {k - 1} plays; V, M and C learn on all the data")
-        play_round(cfg, rounds[k - 2], here, k)
-        with open(os.path.join(here, "data", "collect_config.json")) as f:
-            p_steps += json.load(f)["env_steps"]  # counted also when an earlier, interrupted run played it
+        p_steps += play_round(cfg, rounds[k - 2], here, k)
         m, _, cs = round_stages(cfg, here, k)
         m_steps, c_steps = m_steps + m, c_steps + cs
     peak = max(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
