@@ -228,7 +228,7 @@ def test_vae_resume_continues_training(tmp_path):
     assert len(open(tmp_path / "v.jsonl").read().splitlines()) == 2
 
 
-def test_vae_init_starts_from_another_v(tmp_path, capsys):
+def test_vae_init_starts_from_another_v(tmp_path):
     """--init (train.py's later rounds): V starts at the given V's weights (a tiny lr keeps them), records its id,
     and a V of another shape gets one error line before anything is written."""
     collect_quiet(tmp_path / "d", episodes=4, num_envs=4)

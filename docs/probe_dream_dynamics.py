@@ -41,17 +41,20 @@ class ProbeConfig:
 
 @torch.no_grad()
 def real_latents(vae, cfg, actions):
-    """V's mu of a real trajectory under fixed actions (T,) on cfg.episodes levels: -> (T+1,N,Z), and (T+1,N)
-    whether the episode is still the first one (CRUCIAL: procgen auto-resets; after a done it is another level)."""
+    """V's mu of a real trajectory under fixed actions (T,) on cfg.episodes levels: -> (T+1,N,Z), (T+1,N) whether
+    the episode is still the first one (CRUCIAL: procgen auto-resets; after a done it is another level), and V's
+    posterior variance summed over z, averaged over the first frames."""
     env, zs, alive, ok = make_env(cfg.episodes, cfg.distribution_mode, seed=cfg.seed), [], True, []
     for t in range(len(actions) + 1):
         _, obs, first = env.observe()
         alive = alive & ~first if t else np.ones(cfg.episodes, bool)
         ok.append(alive)
-        zs.append(vae.encode(to_input(obs["rgb"]))[0])  # (N,Z)
+        mu, logvar = vae.encode(to_input(obs["rgb"]))  # (N,Z) each
+        zs.append(mu)
+        noise = logvar.exp().sum(-1).mean().item() if t == 0 else noise
         if t < len(actions):
             env.act(np.full(cfg.episodes, ACTIONS[actions[t]]))
-    return torch.stack(zs), torch.from_numpy(np.stack(ok))
+    return torch.stack(zs), torch.from_numpy(np.stack(ok)), noise
 
 
 @torch.no_grad()
@@ -70,15 +73,12 @@ def open_loop(mdn, z0, actions, point="mean"):
 def main(cfg):
     vae, mdn = load_vae(os.path.join(cfg.run, "vae.pt")), load_mdnrnn(os.path.join(cfg.run, "mdnrnn.pt"))
     hop = np.array([UP if t % cfg.hop_every == 0 else NONE for t in range(cfg.steps)])
-    z_hop, ok_hop = real_latents(vae, cfg, hop)
-    z_wait, ok_wait = real_latents(vae, cfg, np.full(cfg.steps, NONE))
+    z_hop, ok_hop, noise = real_latents(vae, cfg, hop)
+    z_wait, ok_wait, _ = real_latents(vae, cfg, np.full(cfg.steps, NONE))
     dream = open_loop(mdn, z_hop[0], hop, cfg.point)  # (T+1,N,Z)
     sq = lambda a, b: (a - b).pow(2).sum(-1)  # (T+1,N)
     e_hop, e_wait, up_effect = sq(dream, z_hop), sq(dream, z_wait), sq(z_hop, z_wait)
     keep = ok_hop & ok_wait & (up_effect > 0)  # (T+1,N): both still on the first level, and UP changed the frame
-    with torch.no_grad():
-        x = to_input(make_env(cfg.episodes, cfg.distribution_mode, seed=cfg.seed).observe()[1]["rgb"])
-        noise = vae.encode(x)[1].exp().sum(-1).mean().item()  # V's posterior variance, summed over z
     step = sq(z_wait[1:], z_wait[:-1])[ok_wait[1:]].mean().item()
     print(f"{cfg.run}: {cfg.episodes} {cfg.distribution_mode} levels, UP every {cfg.hop_every} steps, M's {cfg.point}")
     print(f"V's posterior variance (summed over z, first frames): {noise:.1f}; mean change of z per step (waiting): {step:.1f}")
