@@ -183,32 +183,34 @@ def agent_gif(agent, recorded, path):
 
 
 @torch.no_grad()
-def dream(agent, frame, steps=60, tau=1.15, seed=0):
-    """One episode of mdnrnn.dream (C's training ground with --controller-env dream) from one real frame, C choosing
-    the actions. -> V's picture of each dreamed z uint8 (T,64,64,3), action indices (T,), and how it ended:
-    "WIN", "dies" (M sampled a death) or "" (still going after `steps`)."""
-    torch.manual_seed(seed)
-    frames, actions, zs = [], [], []
+def dream_gif(agent, frame, tau, path, steps=100, tries=64, least=10):
+    """M's dream (mdnrnn.dream) from one real frame, C acting, V decoding: the first seed's dream that ends in a death,
+    then the first that ends in a win, each after least..steps steps (`tries` seeds; else seed 0's). -> {end: seed}"""
+    def clip(seed):  # one dream's pictures, the last one held a second, and how it ended: "dies", "WIN" or ""
+        torch.manual_seed(seed)
+        frames, zs, pics = [], [], []
 
-    def policy(z, h, idx):  # (1,Z), (1,H): C on M's z; D (if C reads it) on V's pictures, M's hop head on z
-        frames.append(decode(agent.vae, z))
-        zs.append(z)
-        d = danger_logit(agent.inputs, agent.danger, agent.mdn, z, zs[max(len(zs) - 2, 0)], frames[-1],
-                         frames[max(len(frames) - 2, 0)])  # (1,) or None: as Agent.act, on V's pictures of z
-        actions.append(int(choose(agent.weights, features(z, h, agent.inputs, d))))
-        return torch.tensor(actions[-1:])
-    ret, length = mdn_dream(agent.mdn, policy, agent.vae.encode(to_input(frame[None]))[0], tau, max_steps=steps)
-    end = "WIN" if ret.item() > 0 else "dies" if length.item() < steps else ""
-    return np.concatenate(frames), np.array(actions), end  # (T,64,64,3), (T,)
-
-
-def dream_gif(agent, frame, tau, path):
-    frames, actions, end = dream(agent, frame, tau=tau)
-    gif = []
-    for t, img in enumerate(frames):
-        text = f"start | dream tau={tau} t={t} {ACTION_NAMES[actions[t]]}" + (f" {end}" if t == len(frames) - 1 else "")
-        gif.append(caption(upscale(np.concatenate([frame, img], 1)), text))  # (64,128,3), x4
-    save_gif(path, gif + gif[-1:] * 10, duration=100)  # hold the last frame a second
+        def policy(z, h, idx):  # (1,Z), (1,H): C on M's z; D (if C reads it) on V's pictures, M's hop head on z
+            frames.append(decode(agent.vae, z))  # (1,64,64,3)
+            zs.append(z)
+            d = danger_logit(agent.inputs, agent.danger, agent.mdn, z, zs[max(len(zs) - 2, 0)], frames[-1],
+                             frames[max(len(frames) - 2, 0)])  # (1,) or None: as Agent.act, on V's pictures of z
+            a = int(choose(agent.weights, features(z, h, agent.inputs, d)))
+            pics.append(caption(upscale(np.concatenate([frame, frames[-1][0]], 1)),  # (64,128,3), x4
+                                f"start | dream seed {seed} tau={tau} t={len(pics)} {ACTION_NAMES[a]}"))
+            return torch.tensor([a])
+        ret, length = mdn_dream(agent.mdn, policy, agent.vae.encode(to_input(frame[None]))[0], tau, max_steps=steps)
+        end = "WIN" if ret.item() > 0 else "dies" if length.item() < steps else ""
+        return end, pics + [caption(pics[-1][16:], f"dream seed {seed}: {end or 'still going'}")] * 10
+    shown, gif = {}, []
+    for seed in range(tries):
+        end, pics = clip(seed)
+        if end and end not in shown and len(pics) > least + 10:  # the first death and the first win (+10: the hold)
+            shown[end], gif = seed, gif + pics
+        if len(shown) == 2:
+            break
+    save_gif(path, gif or clip(0)[1], duration=100)
+    return shown
 
 
 def read_jsonl(path):
@@ -233,10 +235,8 @@ def curves_png(run_dir, path):
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
     for ax, (rows, x, left, right, title) in zip(axes[0], panels):
         for axis, keys, style in ((ax, left, "-"), (ax.twinx() if right else None, right, "--")):
-            for k in keys:
-                pts = [(r[x], r[k]) for r in rows if k in r]
-                if pts:
-                    axis.plot(*zip(*pts), style, marker=".", label=k)
+            for k in [k for k in keys if any(k in r for r in rows)]:
+                axis.plot(*zip(*[(r[x], r[k]) for r in rows if k in r]), style, marker=".", label=k)
             if axis is not None:
                 axis.legend(loc="upper right" if axis is ax else "center right", fontsize=8)
         ax.set_xlabel(x)

@@ -850,6 +850,30 @@ def test_cli_json_and_pictures(tiny_run, capsys, one_torch_thread):
     assert str(e.value).startswith("error: ") and "vae.pt" in str(e.value) and "\n" not in str(e.value)
 
 
+def test_dream_gif_shows_the_first_dream_that_dies_and_the_first_that_wins(tmp_path, one_torch_thread):
+    """dream.gif: of seeds 0, 1, ..., the first whose dream ends in a sampled death and the first that ends in a win,
+    each after more than `least` steps; replaying those seeds' dreams (same seed, same dream) ends them so."""
+    torch.manual_seed(0)
+    m = m_with_heads(0.05, 0.05)  # each step: a win or a death with probability 0.05 each
+    weights = torch.zeros(len(collect.ACTIONS), 4 + 8 + 1)  # C on [z, h]: all scores equal, action 0
+    agent = controller.Agent(vae.ConvVAE(4).eval(), m, weights, "zh")
+    frame = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    shown = evaluate.dream_gif(agent, frame, 1.0, str(tmp_path / "dream.gif"), steps=100, tries=64, least=3)
+    assert set(shown) == {"dies", "WIN"}
+
+    def replay(seed):  # (return, length) of seed's dream, played as dream_gif plays it
+        torch.manual_seed(seed)
+        z0 = agent.vae.encode(vae.to_input(frame[None]))[0]
+        ret, length = mdnrnn.dream(m, lambda z, h, idx: torch.zeros(len(z), dtype=torch.long), z0, 1.0, max_steps=100)
+        return ret.item(), length.item()
+    ends = [replay(seed) for seed in range(max(shown.values()) + 1)]  # [(return, length)]
+    kinds = [("WIN" if r > 0 else "dies" if n < 100 else "") if n > 3 else "" for r, n in ends]
+    assert {k: kinds.index(k) for k in ("dies", "WIN")} == shown  # the first of each kind, no earlier one
+    from PIL import Image
+    gif = Image.open(tmp_path / "dream.gif")
+    assert gif.size == (512, 272) and gif.n_frames > 2 * 3  # (64,128) x4 + the caption strip; both dreams' steps
+
+
 def test_pretrained_agents_load_and_play(one_torch_thread):
     """The committed weights (float16 exports of the default runs) play without any training."""
     for mode in ("easy", "hard"):
