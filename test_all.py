@@ -822,6 +822,39 @@ def test_dream_dynamics_probe_feeds_m_its_own_point_estimates(tiny_run, capsys, 
     res = probe.main(probe.ProbeConfig(run=str(tiny_run), episodes=4, steps=8, hop_every=4))
     assert res["noise"] > 0 and res["rows"] and all(0 <= r["closer"] <= 1 for r in res["rows"])
     assert "closer to hop" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:  # tiny_run's V is flat
+        probe.main(probe.ProbeConfig(run=str(tiny_run), transition="conv"))
+    assert str(e.value).startswith("error: --transition conv: ") and "flat" in str(e.value)
+
+
+def test_conv_transition_learns_that_up_moves_the_frog(tmp_path, capsys, one_torch_thread):
+    """docs/probe_dream_dynamics.py --transition conv: on synthetic latents (one channel on the 8x8 grid, a "frog"
+    of value 3 in one cell that UP moves a row up), the conv transition learns the rule, and its open loop moves
+    the frog two rows for two UPs, wherever it starts; the probe then runs on a real run's latents."""
+    probe, rng = load_probe("probe_dream_dynamics"), np.random.default_rng(0)
+    (tmp_path / "latents").mkdir()
+    for i in range(41):  # every 20th left out: 38 for training
+        row, col, mu, action = 7, rng.integers(8), [], rng.integers(0, 5, 16)
+        for a in action:
+            grid = np.zeros((8, 8), np.float16)
+            grid[row, col] = 3
+            mu.append(grid.ravel())
+            row = max(row - 1, 0) if a == collect.UP else row
+        np.savez(tmp_path / "latents" / f"episode_{i:06d}.npz", mu=np.stack(mu), action=action.astype(np.int8))
+    model = probe.train_conv(str(tmp_path / "latents"), 300, width=16)
+    z0 = torch.zeros(8, 8, 8)  # (N,8,8): frogs in row 7, columns 0..7
+    z0[torch.arange(8), 7, torch.arange(8)] = 3
+    out = probe.open_loop_conv(model, z0.view(8, 64), [collect.UP, collect.NONE, collect.UP])  # (4,8,64)
+    frog = out[-1].view(8, 8, 8).flatten(1).argmax(1)  # (8,) the cell that holds most of the frog
+    assert frog.tolist() == [5 * 8 + c for c in range(8)]  # two rows up, same column
+    assert "conv transition step 300" in capsys.readouterr().out
+    run = tmp_path / "run"  # a spatial V and its latents of real episodes: main trains and plays the transition
+    collect_quiet(run / "data", episodes=8, num_envs=8)
+    vae.train(VAEConfig(data=str(run / "data"), out=str(run / "vae.pt"), z_dim=64, spatial=True, epochs=1, batch_size=64))
+    mdnrnn.encode_episodes(str(run / "data"), str(run / "vae.pt"), str(run / "latents"))
+    res = probe.main(probe.ProbeConfig(run=str(run), episodes=4, steps=8, hop_every=4, transition="conv", conv_steps=20))
+    assert res["rows"] and all(0 <= r["closer"] <= 1 for r in res["rows"])
+    assert "the conv transition" in capsys.readouterr().out
 
 
 def test_wilson_and_summarize():

@@ -9,7 +9,10 @@ still), M's squared error, and the error of "nothing moves" (the first z copied)
 posterior variance (the noise Ha's z resampling puts into M's training inputs and targets) beside the mean
 frame-to-frame change of z and the change UP makes. Steps after either episode ended are left out.
 
-    python docs/probe_dream_dynamics.py --run runs --episodes 256
+--transition conv asks the same of a model that is not M: a deterministic conv net on V's 8x8 grid, trained here
+on the run's encoded episodes, whose 3x3 convs apply one local rule wherever the frog is.
+
+    python docs/probe_dream_dynamics.py --run runs --episodes 256 [--transition conv]
 """
 import os
 import sys
@@ -18,10 +21,12 @@ from typing import Literal
 
 import numpy as np
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo's modules
-from collect import ACTIONS, NONE, UP, check_flags, cli, make_env  # noqa: E402
-from mdnrnn import load_mdnrnn  # noqa: E402
+from collect import ACTIONS, NONE, UP, check_flags, cli, fail, make_env  # noqa: E402
+from mdnrnn import load_mdnrnn, read_latents  # noqa: E402
 from vae import load_vae, to_input  # noqa: E402
 
 
@@ -34,9 +39,11 @@ class ProbeConfig:
     hop_every: int = 6  # UP at t = 0, hop_every, 2 hop_every, ...; NONE between
     point: Literal["mean", "mode"] = "mean"  # M's point estimate: the mixture's mean, or its likeliest component's
     seed: int = 1_000_003  # level stream (evaluate.py's held-out one)
+    transition: Literal["m", "conv"] = "m"  # whose open loop: the run's M, or a ConvTransition trained on its latents/
+    conv_steps: int = 6000  # --transition conv: gradient steps, 256 transitions each
 
     def __post_init__(self):
-        check_flags(self, at_least=dict(episodes=1, steps=1, hop_every=1))
+        check_flags(self, at_least=dict(episodes=1, steps=1, hop_every=1, conv_steps=1))
 
 
 @torch.no_grad()
@@ -70,17 +77,78 @@ def open_loop(mdn, z0, actions, point="mean"):
     return torch.stack(out)
 
 
+class ConvTransition(nn.Module):
+    """Not M: z_{t+1} = z_t + a conv net of (z_t, z_{t-1}, the action as 5 planes) on V's 8x8 grid of z_dim/64
+    channels. Its 3x3 convs share one local rule over the grid ("UP moves the frog up"), which an LSTM on the
+    flattened z must learn for each of the 64 cells apart."""
+
+    def __init__(self, c, width=64, n_actions=5):
+        super().__init__()
+        self.c, self.n_actions = c, n_actions
+        self.net = nn.Sequential(  # (N,2c+A,8,8) -> (N,c,8,8): the change of z
+            nn.Conv2d(2 * c + n_actions, width, 3, 1, 1), nn.ReLU(), nn.Conv2d(width, width, 3, 1, 1), nn.ReLU(),
+            nn.Conv2d(width, width, 3, 1, 1), nn.ReLU(), nn.Conv2d(width, c, 3, 1, 1))
+
+    def forward(self, z, z_last, a):
+        """z, z_last (N,Z), action indices (N,) -> the next z (N,Z)."""
+        n, planes = len(z), F.one_hot(a, self.n_actions).float()[..., None, None].expand(-1, -1, 8, 8)  # (N,A,8,8)
+        x = torch.cat([z.view(n, self.c, 8, 8), z_last.view(n, self.c, 8, 8), planes], 1)  # (N,2c+A,8,8)
+        return z + self.net(x).reshape(n, -1)  # (N,c,8,8) -> (N,Z)
+
+
+def train_conv(latents, steps, width=64, holdout=20, batch=256, seed=0):
+    """A ConvTransition fitted by squared error to V's mu of the run's encoded episodes (mdnrnn.py's latents/;
+    every holdout-th episode left out, as M leaves it): mu[t-1], mu[t], action[t] -> mu[t+1]."""
+    torch.manual_seed(seed)
+    rng, Z, A = np.random.default_rng(seed), [], []
+    for i, name in enumerate(sorted(f for f in os.listdir(latents) if f.endswith(".npz"))):
+        if i % holdout:
+            ep = read_latents(os.path.join(latents, name), ("mu", "action"))
+            Z.append(torch.from_numpy(ep["mu"].astype(np.float32)))  # (T,Z): mu of the frame action t was chosen on
+            A.append(torch.from_numpy(ep["action"].astype(np.int64)))  # (T,)
+    idx = np.array([(e, t) for e in range(len(Z)) for t in range(1, len(A[e]) - 1)])  # (n,2): episode, step
+    model = ConvTransition(Z[0].shape[1] // 64, width)
+    opt = torch.optim.Adam(model.parameters(), 1e-3)
+    for step in range(steps):
+        b = idx[rng.integers(0, len(idx), batch)]
+        z, z_last, z_next = (torch.stack([Z[e][t + k] for e, t in b]) for k in (0, -1, 1))  # (B,Z) each
+        loss = (model(z, z_last, torch.stack([A[e][t] for e, t in b])) - z_next).pow(2).sum(-1).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if (step + 1) % 1000 == 0 or step + 1 == steps:
+            print(f"conv transition step {step + 1}: squared error {loss.item():.2f}, of copying z_t "
+                  f"{(z - z_next).pow(2).sum(-1).mean().item():.2f}", flush=True)
+    return model.eval()
+
+
+@torch.no_grad()
+def open_loop_conv(model, z0, actions):
+    """The ConvTransition fed its own predictions from z0 (N,Z) under fixed actions (T,): -> (T+1,N,Z)."""
+    z, z_last, out = z0, z0, [z0]  # the first step has no earlier frame: z0 stands in
+    for a in actions:
+        z, z_last = model(z, z_last, torch.full((len(z),), int(a))), z
+        out.append(z)
+    return torch.stack(out)
+
+
 def main(cfg):
-    vae, mdn = load_vae(os.path.join(cfg.run, "vae.pt")), load_mdnrnn(os.path.join(cfg.run, "mdnrnn.pt"))
+    vae = load_vae(os.path.join(cfg.run, "vae.pt"))
+    if cfg.transition == "conv" and not vae.spatial:
+        fail(f"--transition conv: {cfg.run}/vae.pt has a flat z; the conv transition reads V's 8x8 grid (--spatial)")
     hop = np.array([UP if t % cfg.hop_every == 0 else NONE for t in range(cfg.steps)])
     z_hop, ok_hop, noise = real_latents(vae, cfg, hop)
     z_wait, ok_wait, _ = real_latents(vae, cfg, np.full(cfg.steps, NONE))
-    dream = open_loop(mdn, z_hop[0], hop, cfg.point)  # (T+1,N,Z)
+    if cfg.transition == "m":
+        dream = open_loop(load_mdnrnn(os.path.join(cfg.run, "mdnrnn.pt")), z_hop[0], hop, cfg.point)  # (T+1,N,Z)
+    else:
+        dream = open_loop_conv(train_conv(os.path.join(cfg.run, "latents"), cfg.conv_steps), z_hop[0], hop)
     sq = lambda a, b: (a - b).pow(2).sum(-1)  # (T+1,N)
     e_hop, e_wait, up_effect = sq(dream, z_hop), sq(dream, z_wait), sq(z_hop, z_wait)
     keep = ok_hop & ok_wait & (up_effect > 0)  # (T+1,N): both still on the first level, and UP changed the frame
     step = sq(z_wait[1:], z_wait[:-1])[ok_wait[1:]].mean().item()
-    print(f"{cfg.run}: {cfg.episodes} {cfg.distribution_mode} levels, UP every {cfg.hop_every} steps, M's {cfg.point}")
+    who = f"M's {cfg.point}" if cfg.transition == "m" else "the conv transition"
+    print(f"{cfg.run}: {cfg.episodes} {cfg.distribution_mode} levels, UP every {cfg.hop_every} steps, {who}")
     print(f"V's posterior variance (summed over z, first frames): {noise:.1f}; mean change of z per step (waiting): {step:.1f}")
     print(f"{'t':>3} {'levels':>6} {'closer to hop':>13} {'M error':>8} {'copy error':>10} {'UP effect':>9}")
     rows = []
