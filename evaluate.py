@@ -201,7 +201,7 @@ def dream_gif(agent, frame, tau, path, steps=100, tries=64, least=10):
             return torch.tensor([a])
         ret, length = mdn_dream(agent.mdn, policy, agent.vae.encode(to_input(frame[None]))[0], tau, max_steps=steps)
         end = "WIN" if ret.item() > 0 else "dies" if length.item() < steps else ""
-        return end, pics + [caption(pics[-1][16:], f"dream seed {seed}: {end or 'still going'}")] * 10
+        return end, pics + [caption(pics[-1][16:], f"dream seed {seed}: {end or 'going'}")] * 10  # [16:]: uncaptioned
     shown, gif = {}, []
     for seed in range(tries):
         end, pics = clip(seed)
