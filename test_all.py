@@ -855,6 +855,9 @@ def test_conv_transition_learns_that_up_moves_the_frog(tmp_path, capsys, one_tor
     res = probe.main(probe.ProbeConfig(run=str(run), episodes=4, steps=8, hop_every=4, transition="conv", conv_steps=20))
     assert res["rows"] and all(0 <= r["closer"] <= 1 for r in res["rows"])
     assert "the conv transition" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:  # no latents/: one error line naming the dir
+        probe.train_conv(str(tmp_path / "nowhere"), 1)
+    assert str(e.value).startswith(f"error: {tmp_path / 'nowhere'}: expected the run's episodes")
 
 
 def test_wilson_and_summarize():

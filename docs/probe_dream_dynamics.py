@@ -98,10 +98,14 @@ class ConvTransition(nn.Module):
 
 def train_conv(latents, steps, width=64, holdout=20, batch=256, seed=0):
     """A ConvTransition fitted by squared error to V's mu of the run's encoded episodes (mdnrnn.py's latents/;
-    every holdout-th episode left out, as M leaves it): mu[t-1], mu[t], action[t] -> mu[t+1]."""
+    episodes 0, holdout, 2 holdout, ... left out, about as many as M leaves out, not the same ones; the probe's
+    levels are held out from both anyway): mu[t-1], mu[t], action[t] -> mu[t+1]."""
     torch.manual_seed(seed)
     rng, Z, A = np.random.default_rng(seed), [], []
-    for i, name in enumerate(sorted(f for f in os.listdir(latents) if f.endswith(".npz"))):
+    names = sorted(f for f in os.listdir(latents) if f.endswith(".npz")) if os.path.isdir(latents) else []
+    if len(names) < 2:
+        fail(f"{latents}: expected the run's episodes encoded by mdnrnn.py (.npz files), found {len(names)}")
+    for i, name in enumerate(names):
         if i % holdout:
             ep = read_latents(os.path.join(latents, name), ("mu", "action"))
             Z.append(torch.from_numpy(ep["mu"].astype(np.float32)))  # (T,Z): mu of the frame action t was chosen on
