@@ -860,6 +860,68 @@ def test_conv_transition_learns_that_up_moves_the_frog(tmp_path, capsys, one_tor
     assert str(e.value).startswith(f"error: {tmp_path / 'nowhere'}: expected the run's episodes")
 
 
+def synthetic_frog_latents(latents, episodes, rng):
+    """Episodes of a toy frog game on V's grid (one channel, z_dim 64), as mdnrnn.py encodes them: a "frog" of value
+    3 in one cell; UP moves it a row up and wins on reaching row 0, LEFT kills it, every other move does nothing."""
+    os.makedirs(latents, exist_ok=True)
+    for i in range(episodes):
+        row, col, mu, actions, reward = rng.integers(1, 8), rng.integers(8), [], [], []
+        for t in range(16):
+            grid = np.zeros((8, 8), np.float16)
+            grid[row, col] = 3
+            mu.append(grid.ravel())
+            actions.append(rng.choice(5, p=[0.1, 0.1, 0.2, 0.5, 0.1]))
+            row -= actions[-1] == collect.UP
+            reward.append(10.0 * (row == 0))
+            if row == 0 or actions[-1] == 0:  # a win, or LEFT: the end
+                break
+        done = np.zeros(len(mu), bool)
+        done[-1] = row == 0 or actions[-1] == 0  # the 16-step ones were cut, not ended
+        np.savez(os.path.join(latents, f"episode_{i:06d}.npz"), mu=np.stack(mu), action=np.array(actions, np.int8),
+                 reward=np.array(reward, np.float32), done=done)
+
+
+def test_grid_dream_probe_learns_a_toy_frog_game(tmp_path, capsys, one_torch_thread):
+    """docs/probe_grid_dream.py: on a toy frog game, the grid model (trained unrolled) tells wins and deaths apart on
+    held-out steps, and its dream at a low temperature lets always-UP win, kills always-LEFT and never ends
+    always-NONE; main then runs end to end (C searched in the dream, real checks) on a spatial V."""
+    probe, rng = load_probe("probe_grid_dream"), np.random.default_rng(0)
+    run = tmp_path / "run"
+    synthetic_frog_latents(str(run / "latents"), 200, rng)
+    cfg = probe.ProbeConfig(run=str(run), steps=400, unroll=2, width=16, tau=0.01, episodes=8, generations=1,
+                            popsize=4, dream_episodes=2, max_steps=20, check_levels=2, test_episodes=4)
+    model, row = probe.train_grid(cfg)
+    assert row["win_auc"] > 0.95 and row["death_auc"] > 0.95 and row["error"] < 0.5 * row["copy_error"]
+    mdn = mdnrnn.MDNRNN(64, hidden=4, gaussians=1)
+    z0 = torch.zeros(16, 8, 8)  # (N,8,8): frogs in row 7
+    z0[torch.arange(16), 7, torch.arange(16) % 8] = 3
+    torch.manual_seed(0)
+    ends = {a: probe.grid_dream(model, mdn, lambda z, h, up, idx: torch.full((len(idx),), a), z0.view(16, 64), 0.01, 40)
+            for a in (collect.UP, collect.NONE, 0)}
+    assert (ends[collect.UP][0] == 10).float().mean() >= 0.9 and ends[collect.UP][1].float().mean() < 12
+    assert (ends[0][0] == 0).all() and (ends[0][1] <= 2).float().mean() >= 0.9  # always-LEFT: dead at once
+    assert (ends[collect.NONE][1] == 40).float().mean() >= 0.9  # always-NONE: neither wins nor dies
+    assert "grid step 400" in capsys.readouterr().out
+    collect_quiet(run / "data", episodes=8, num_envs=8)  # a spatial V of z_dim 64 and an M on it: main's whole path
+    vae.train(VAEConfig(data=str(run / "data"), out=str(run / "vae.pt"), z_dim=64, spatial=True, epochs=1, batch_size=64))
+    mdnrnn.train(MDNConfig(data=str(run / "data"), vae=str(run / "vae.pt"), out=str(run / "mdnrnn.pt"),
+                           latents=str(tmp_path / "real_latents"), hidden=8, gaussians=1, epochs=1, hop_steps=0))
+    res = probe.main(dataclasses.replace(cfg, steps=20))
+    assert set(res["constant"]) == set(collect.ACTION_NAMES) and res["search"]["episodes"] == 4
+    out = capsys.readouterr().out
+    assert "C generation 1: dream mean" in out and "real validation wins" in out and "held out:" in out
+
+
+def test_grid_dream_probe_refuses_a_flat_v_and_missing_latents(tiny_run, tmp_path):
+    probe = load_probe("probe_grid_dream")
+    with pytest.raises(SystemExit) as e:  # tiny_run's V is flat
+        probe.main(probe.ProbeConfig(run=str(tiny_run)))
+    assert str(e.value).startswith("error: ") and "flat" in str(e.value)
+    with pytest.raises(SystemExit) as e:
+        probe.steps_of(str(tmp_path / "nowhere"))
+    assert str(e.value).startswith(f"error: {tmp_path / 'nowhere'}: expected at least 20 episodes")
+
+
 def test_wilson_and_summarize():
     # By hand, z = 1.96, 5/10: centre 0.5, half width 1.96 * sqrt(0.025 + 0.009604) / 1.38416 = 0.26340.
     assert evaluate.wilson(5, 10) == pytest.approx([0.23660, 0.76340], abs=1e-4)

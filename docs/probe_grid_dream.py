@@ -1,0 +1,229 @@
+"""Probe: a dream on V's 8x8 grid. Can C learn inside a world model whose transition is convolutional?
+
+M (an LSTM on the flattened z) does not move the frog in its dream (docs/probe_dream_dynamics.py); a conv net on V's
+grid does, for a few steps. Here that conv transition (probe_dream_dynamics.ConvTransition: z_{t+1} = z_t + convs of
+z_t, z_{t-1} and the action) gets what a dream also needs: a variance per latent (sampling at temperature tau, as
+Ha's), and a win head and a death head (danger.HopHead's shape: two 3x3 convs on the same inputs), all trained on
+the run's encoded random episodes (mdnrnn.py's latents/, M's held-out episodes left out). With --unroll K the
+transition is fed its own predictions for K steps in training and the heads read those predictions too (PlaNet's
+"overshooting"): a dream runs on predictions, not on V's z. Printed: the held-out one-step error beside copying z,
+the heads' AUC on held-out steps, then dreams from held-out first frames under constant actions (a dream fit to
+learn in lets always-UP win more than always-NONE, which never wins in the game), and with --generations N, C
+(controller.py's, on [z, h, the death head's logit of UP]) searched by CMA-ES in this dream from zero, its CMA
+mean checked every 5 generations on --check-levels real validation levels, and at the end on --test-episodes
+held-out levels beside always-UP.
+
+    python docs/probe_grid_dream.py --run runs --unroll 6 --generations 30
+"""
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo's modules
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # and the probe beside it (also when imported)
+from collect import ACTIONS, ACTION_NAMES, MAX_STEPS, UP, check_flags, cli, fail, make_env  # noqa: E402
+from controller import CConfig, Agent, choose, cma_generation, features, input_sizes, level_draw, make_search  # noqa
+from danger import HopHead, auc  # noqa: E402
+from evaluate import Always, play, summarize  # noqa: E402
+from mdnrnn import load_mdnrnn, read_latents  # noqa: E402
+from probe_dream_dynamics import ConvTransition  # noqa: E402
+from vae import load_vae, to_input  # noqa: E402
+
+
+@dataclass
+class ProbeConfig:
+    run: str = "runs"  # directory holding vae.pt, mdnrnn.pt (C's h) and latents/ (the encoded episodes)
+    distribution_mode: Literal["easy", "hard"] = "easy"  # procgen difficulty (the run's)
+    steps: int = 3000  # gradient steps of the grid model
+    unroll: int = 6  # training windows: the transition fed its own predictions this many steps (1: one-step)
+    batch: int = 64  # windows per gradient step
+    width: int = 64  # channels of the transition's convs (the heads: half)
+    tau: float = 1.0  # the dream's temperature: the sampled change of z is scaled by sqrt(tau)
+    episodes: int = 256  # dreams per constant action, from held-out first frames
+    generations: int = 0  # CMA-ES generations of C in the dream (0: no search)
+    popsize: int = 32  # candidates per generation
+    dream_episodes: int = 64  # dreams per candidate per generation, from new levels' first frames
+    max_steps: int = 250  # a dream episode's cap in the search (the game's: 500)
+    check_levels: int = 64  # real validation levels the CMA mean plays every 5 generations
+    test_episodes: int = 1000  # held-out levels the searched C plays at the end (evaluate.py's stream)
+    seed: int = 0  # seeds the model's training, the dreams and CMA-ES
+
+    def __post_init__(self):
+        check_flags(self, at_least=dict(steps=1, unroll=1, batch=1, width=2, episodes=1, generations=0, popsize=2,
+                                        dream_episodes=1, max_steps=1, check_levels=1,
+                                        test_episodes=1), above=dict(tau=0))
+
+
+class GridModel(nn.Module):
+    """A world model on V's grid: the next z as a Gaussian (mean: the conv transition; a learnt std per latent),
+    and the logits of "this step wins" and "this step kills the frog"."""
+
+    def __init__(self, z_dim, width=64):
+        super().__init__()
+        self.move = ConvTransition(z_dim // 64, width)
+        self.win, self.death = HopHead(z_dim, width=width // 2), HopHead(z_dim, width=width // 2)
+        self.log_sigma = nn.Parameter(torch.zeros(z_dim))  # (Z,)
+
+    def forward(self, z, z_last, a):
+        """z, z_last (N,Z), action indices (N,) -> the next z's mean and log std (N,Z), win and death logits (N,)."""
+        mean = self.move(z, z_last, a)
+        return mean, self.log_sigma.clamp(-5, 2).expand_as(mean), self.win(z, z_last, a), self.death(z, z_last, a)
+
+
+def steps_of(latents, holdout=20):
+    """Every step t of the encoded episodes as flat tensors, training and held-out (M's split: episodes holdout-1,
+    2 holdout-1, ...): z_t, z_{t-1} (z_0 at t = 0), a_t, win_t, death_t (as mdnrnn.load_sequences labels them), z_{t+1}
+    (z_t at the last step, where has_next is 0) and left (steps after t in its episode)."""
+    names = sorted(f for f in os.listdir(latents) if f.endswith(".npz")) if os.path.isdir(latents) else []
+    if len(names) < holdout:
+        fail(f"{latents}: expected at least {holdout} episodes encoded by mdnrnn.py (.npz files), found {len(names)}")
+    cols = [{k: [] for k in ("z", "z_last", "a", "win", "death", "z_next", "has_next", "left")} for _ in range(2)]
+    for i, name in enumerate(names):
+        ep, col = read_latents(os.path.join(latents, name), ("mu", "action", "reward", "done")), cols[
+            i % holdout == holdout - 1]
+        mu, T = torch.from_numpy(ep["mu"].astype(np.float32)), len(ep["action"])  # (T,Z): the frames actions met
+        dead = ep["done"][-1] and ep["reward"].sum() <= 0 and T < MAX_STEPS  # CRUCIAL: done also ends wins and caps
+        col["z"].append(mu)
+        col["z_last"].append(torch.cat([mu[:1], mu[:-1]]))  # (T,Z)
+        col["a"].append(torch.from_numpy(ep["action"].astype(np.int64)))
+        col["win"].append(torch.from_numpy((ep["reward"] > 0).astype(np.float32)))
+        col["death"].append((torch.arange(T) == T - 1).float() * float(dead))
+        col["z_next"].append(torch.cat([mu[1:], mu[-1:]]))  # (T,Z)
+        col["has_next"].append((torch.arange(T) < T - 1).float())
+        col["left"].append(torch.arange(T - 1, -1, -1))
+    return [{k: torch.cat(v) for k, v in c.items()} for c in cols]
+
+
+def losses(model, D, i, unroll):
+    """Mean loss of windows starting at steps i (B,), unroll steps each, fed the model's own means after the first."""
+    z, z_last, total = D["z"][i], D["z_last"][i], 0.0
+    for j in range(unroll):
+        mean, log_sigma, win, death = model(z, z_last, D["a"][i + j])
+        err = (D["z_next"][i + j] - mean).pow(2)  # (B,Z): the mean learns by squared error, the std by the NLL
+        nll = err + 0.5 * err.detach() / (2 * log_sigma).exp() + log_sigma  # ... around the detached mean
+        total = total + ((nll.sum(-1) * D["has_next"][i + j]).mean() + F.binary_cross_entropy_with_logits(
+            win, D["win"][i + j]) + F.binary_cross_entropy_with_logits(death, D["death"][i + j])) / unroll
+        z_last, z = z, mean
+    return total
+
+
+def train_grid(cfg):
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    D, T = steps_of(os.path.join(cfg.run, "latents"))
+    starts = np.flatnonzero(D["left"].numpy() >= cfg.unroll - 1)  # windows inside one episode
+    model = GridModel(D["z"].shape[1], cfg.width)
+    opt = torch.optim.Adam(model.parameters(), 1e-3)
+    print(f"grid model: {sum(p.numel() for p in model.parameters()):,} parameters, {len(D['a'])} training steps "
+          f"({int(D['death'].sum())} deaths, {int(D['win'].sum())} wins), {len(T['a'])} held out")
+    t0 = time.time()
+    for step in range(cfg.steps):
+        loss = losses(model, D, torch.from_numpy(starts[rng.integers(0, len(starts), cfg.batch)]), cfg.unroll)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if (step + 1) % 500 == 0 or step + 1 == cfg.steps:
+            with torch.no_grad():
+                mean, _, win, death = model(T["z"], T["z_last"], T["a"])
+                sq = lambda x: ((T["z_next"] - x).pow(2).sum(-1) * T["has_next"]).sum().item() / T["has_next"].sum()
+                row = dict(error=sq(mean), copy_error=sq(T["z"]), win_auc=auc(win.numpy(), T["win"].numpy()),
+                           death_auc=auc(death.numpy(), T["death"].numpy()))
+            print(f"grid step {step + 1}: loss {loss.item():.1f}, held out: one-step error {row['error']:.2f} (copying "
+                  f"z: {row['copy_error']:.2f}), win AUC {row['win_auc']:.3f}, death AUC {row['death_auc']:.3f}, "
+                  f"{(step + 1) / (time.time() - t0):.1f} steps/s", flush=True)
+    return model.eval(), row
+
+
+@torch.no_grad()
+def grid_dream(model, mdn, policy, z0, tau=1.0, max_steps=MAX_STEPS):
+    """The grid model's dream for N episodes at once, as mdnrnn.dream but for policy(z (n,Z), h (n,H), the death
+    head's logit of UP (n,), idx (n,)) -> action indices (n,); h is M's memory of the dreamt z's and actions.
+    -> returns (N,) (10 per win), lengths (N,)."""
+    n, z, z_last = len(z0), z0.clone(), z0.clone()  # the first step has no earlier frame: z0 stands in
+    h, c = torch.zeros(2, 1, n, mdn.hidden).unbind()  # M's memory, each (1,N,H)
+    ret, length, alive = torch.zeros(n), torch.zeros(n, dtype=torch.long), torch.ones(n, dtype=torch.bool)
+    for _ in range(max_steps):
+        idx = alive.nonzero()[:, 0]  # (n,) the episodes still going
+        zi, zli = z[idx], z_last[idx]
+        a = policy(zi, h[0, idx], model.death(zi, zli, torch.full((len(idx),), UP)), idx)  # (n,)
+        mean, log_sigma, win, death = model(zi, zli, a)
+        h[:, idx], c[:, idx] = mdn.advance(zi, a, (h[:, idx], c[:, idx]))
+        z_last[idx], z[idx] = zi, mean + log_sigma.exp() * math.sqrt(tau) * torch.randn_like(mean)
+        win, death = torch.bernoulli(torch.sigmoid(win)), torch.bernoulli(torch.sigmoid(death))  # (n,) each
+        ret[idx], length[idx] = ret[idx] + 10 * win, length[idx] + 1
+        alive[idx] = (win == 0) & (death == 0)
+        if not alive.any():
+            break
+    return ret, length
+
+
+def first_z(vae, n, cfg, seed):
+    """V's mu (n,Z) of the first frames of n levels of seed's stream."""
+    return vae.encode(to_input(make_env(n, cfg.distribution_mode, seed=int(seed)).observe()[1]["rgb"]))[0]
+
+
+def search_c(model, vae, mdn, cfg):
+    """C on [z, h, the death head's logit of UP], CMA-ES from zero (no prior) with fitness from the dream only; the
+    CMA mean plays cfg.check_levels real validation levels every 5 generations (logged, never used by the search)."""
+    ccfg = CConfig(inputs="zhm", popsize=cfg.popsize, danger_prior=0.0, seed=cfg.seed)
+    es, env_steps = make_search(ccfg, input_sizes("zhm", vae.z_dim, mdn.hidden)), 0
+    mdn.hop = model.death  # controller.Agent reads M's hop head for input m: in the game it is the death head too
+    agent = lambda w: Agent(vae, mdn, torch.as_tensor(w, dtype=torch.float32).view(len(ACTIONS), -1), "zhm",
+                            distribution_mode=cfg.distribution_mode)
+
+    def dream_score(X, gen, episodes):
+        z0 = first_z(vae, episodes, cfg, level_draw(cfg.seed, gen, 1)[0])  # (E,Z)
+        W = torch.as_tensor(X, dtype=torch.float32).view(len(X), len(ACTIONS), -1).repeat_interleave(len(z0), 0)
+        ret, length = grid_dream(model, mdn, lambda z, h, up, idx: choose(W[idx], features(z, h, "zhm", up)),
+                                 z0.repeat(len(X), 1), cfg.tau, cfg.max_steps)  # dream p*E+e: candidate p's, start e
+        return ret.view(len(X), -1).mean(1).numpy(), int(length.sum())
+
+    for gen in range(cfg.generations):
+        t0 = time.time()
+        X, fit, steps = cma_generation(es, lambda X: dream_score(X, gen, cfg.dream_episodes))
+        line = (f"C generation {gen + 1}: dream mean {fit.mean():.2f} best {fit.max():.2f}, "
+                f"{steps / (time.time() - t0):,.0f} dream steps/s")
+        if (gen + 1) % 5 == 0 or gen + 1 == cfg.generations:
+            ret, length = play(agent(es.mean), cfg.check_levels, 10**9 + 7, cfg.distribution_mode, desc="real check")
+            env_steps += int(length.sum())
+            line += (f"; CMA mean: dream {dream_score(es.mean[None], gen, 256)[0][0]:.2f}, real validation wins "
+                     f"{(ret > 0).mean():.1%} (real env steps so far {env_steps:,})")
+        print(line, flush=True)
+    ret, length = play(agent(es.mean), cfg.test_episodes, 1_000_003, cfg.distribution_mode, desc="held-out")
+    ups, _ = play(Always(UP), cfg.test_episodes, 1_000_003, cfg.distribution_mode, desc="always-UP")
+    s = summarize(ret, length)
+    print(f"C searched in the dream, held out: {s['win_rate']:.1%} {[round(x, 3) for x in s['ci95']]} of "
+          f"{cfg.test_episodes} levels, mean length {s['mean_length']:.0f} (always-UP {(ups > 0).mean():.1%})")
+    return dict(s, always_up=float((ups > 0).mean()), env_steps=env_steps)
+
+
+def main(cfg):
+    vae, mdn = load_vae(os.path.join(cfg.run, "vae.pt")), load_mdnrnn(os.path.join(cfg.run, "mdnrnn.pt"))
+    if not vae.spatial:
+        fail(f"{cfg.run}/vae.pt has a flat z; the grid model reads V's 8x8 grid (--spatial)")
+    model, res = train_grid(cfg)
+    torch.manual_seed(cfg.seed)
+    z0 = first_z(vae, cfg.episodes, cfg, 1_000_003)  # held-out levels' first frames
+    print(f"{cfg.episodes} dreams per constant action at tau {cfg.tau}, from held-out first frames:")
+    res["constant"] = {}
+    for a, name in enumerate(ACTION_NAMES):
+        ret, length = grid_dream(model, mdn, lambda z, h, up, idx: torch.full((len(idx),), a), z0, cfg.tau)
+        won, died = (ret > 0).float().mean().item(), ((ret == 0) & (length < MAX_STEPS)).float().mean().item()
+        res["constant"][name] = dict(win=won, death=died, length=length.float().mean().item())
+        print(f"  always-{name:<5} wins {won:.1%}, dies {died:.1%}, mean length {length.float().mean():.0f}")
+    if cfg.generations:
+        res["search"] = search_c(model, vae, mdn, cfg)
+    return res
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(os.cpu_count() or 1)
+    main(cli(ProbeConfig))
