@@ -1363,8 +1363,8 @@ def tiny_pipeline(out, seed):
                            gaussians=2, epochs=1, hop_steps=1024, seed=seed))
     danger.train(danger.DangerConfig(out=str(out / "danger.pt"), steps=2048, num_envs=32, epochs=1, seed=seed))
     controller.train(CConfig(vae=str(out / "vae.pt"), mdnrnn=str(out / "mdnrnn.pt"), danger=str(out / "danger.pt"),
-                             out=str(out / "controller.pt"), popsize=4, levels=2, eval_every=1, eval_levels=2,
-                             workers=1, seed=seed))
+                             out=str(out / "controller.pt"), popsize=4, generations=6, levels=2, eval_every=3,
+                             eval_levels=2, workers=1, seed=seed))  # 6 generations: the default 30 cost 3x the rest
     ckpts = {n: torch.load(out / f"{n}.pt", weights_only=True) for n in ("vae", "mdnrnn", "danger", "controller")}
     tensors = {f"{n}.{k}": t for n, c in ckpts.items() for k, t in c.get("model", {k: c[k] for k in ("params", "cma_x")
                                                                                     if k in c}).items()}
