@@ -796,6 +796,28 @@ def test_rules_probe_counts_steps_since_the_last_up(tiny_run, capsys, one_torch_
     assert [r.split(",")[1].split()[:2] for r in rows] == [["thr", "0"], ["thr", "-2"]]
 
 
+def test_on_policy_probe_labels_the_last_up_and_records_steps_since_it(tiny_run, capsys, one_torch_thread):
+    """docs/probe_on_policy.py: only an env's last UP can be the one it died of, and only within the window; the
+    rule (always safe here) records each UP with the steps since the env's last; main prints the four rows."""
+    probe = load_probe("probe_on_policy")
+    env, t = np.array([0, 0, 1, 1, 2]), np.array([0, 3, 0, 1, 10])  # (U,) in the order of play
+    ret, length = np.array([0.0, 10.0, 0.0]), np.array([6, 20, 30])  # env 0 died, env 1 won, env 2 died late
+    assert probe.deadly(env, t, ret, length, window=5).tolist() == [False, True, False, False, False]
+    assert probe.deadly(env, t, ret, length, window=20).tolist() == [False, True, False, False, True]
+    v = type("V", (), dict(z_dim=4, encode=lambda self, x: (torch.zeros(len(x), 4),)))()
+    m = type("M", (), dict(hop=lambda self, z, z_last, a: torch.full((len(z),), -1.0)))()
+    rule = probe.Rule(v, m, None, "m", explore=0.0, seed=0)
+    rule.reset(2)
+    for alive in ([True, True], [True, True], [True, False]):
+        actions = rule.act(np.zeros((2, 64, 64, 3), np.uint8), np.zeros(2, bool), np.array(alive))
+        assert (actions[alive] == collect.ACTIONS[collect.UP]).all()
+    assert [(e, s) for e, _, _, _, s in rule.ups] == [(0, 1 + collect.MAX_STEPS), (1, 1 + collect.MAX_STEPS),
+                                                      (0, 1), (1, 1), (0, 1)]
+    probe.main(probe.ProbeConfig(run=str(tiny_run), episodes=4))
+    rows = capsys.readouterr().out.splitlines()
+    assert [r.split()[0] for r in rows[-4:]] == ["1", "2-4", "5+", "all"], rows
+
+
 def test_shape_v_probe_trains_v_through_the_hop_loss(tiny_run, capsys, one_torch_thread):
     """docs/probe_shape_v.py: a few joint steps change V's encoder and report the hop head's AUC and the rule."""
     probe = load_probe("probe_shape_v")
