@@ -52,7 +52,7 @@ class Rule:
 
     def reset(self, n):
         self.z_last, self.last, self.t = torch.zeros(n, self.vae.z_dim), None, 0  # (n,Z) V's z of the last frame
-        self.since, self.ups = np.full(n, MAX_STEPS), []
+        self.since, self.ups = np.full(n, MAX_STEPS), []  # (n,) no UP yet: an episode's first UP counts as "5+"
 
     @torch.no_grad()
     def act(self, obs, first, alive):
