@@ -827,6 +827,29 @@ def test_shape_v_probe_trains_v_through_the_hop_loss(tiny_run, capsys, one_torch
     assert before != after and "held-out UP AUC" in out and "of 4 held-out levels won" in out
 
 
+def test_frog_probe_finds_the_frog_by_colour_and_trains_three_heads(tiny_run, tmp_path, capsys, one_torch_thread):
+    """docs/probe_frog.py: the frog's green lands in its own 8x8 cell (and in the mirror cell of a flipped frame),
+    a car's yellow and the road's grey in none; main trains the three heads and prints a row per epoch; a flat V
+    is refused with one error line."""
+    probe = load_probe("probe_frog")
+    frame = np.full((1, 64, 64, 3), 87, np.uint8)  # a grey road
+    frame[0, 57:60, 51:54] = (168, 196, 50)  # a hard-mode frog (3x3 px) in cell (row 7, column 6)
+    frame[0, 20:22, 10:14] = (255, 204, 0)  # a yellow car
+    x = vae.to_input(frame)
+    cells = probe.frog_cells(x)
+    assert cells.shape == (1, 64) and cells[0].nonzero()[:, 0].tolist() == [7 * 8 + 6]
+    assert cells[0, 62].item() == pytest.approx(9 / 64 * 8)
+    assert probe.frog_cells(x.flip(-1))[0].nonzero()[:, 0].tolist() == [7 * 8 + 1]  # x 51-53 -> 10-12
+    path = tmp_path / "vae.pt"
+    torch.save(dict(model=vae.ConvVAE(64, spatial=True).state_dict(), config=dict(z_dim=64, spatial=True)), path)
+    probe.main(probe.ProbeConfig(vae=str(path), hop_steps=2048, epochs=2))
+    rows = capsys.readouterr().out.splitlines()
+    assert rows[-3].split() == ["epoch", "V's", "z", "z", "+", "frog", "frog", "alone"] and rows[-1].split()[0] == "2"
+    with pytest.raises(SystemExit) as e:  # tiny_run's V is flat
+        probe.main(probe.ProbeConfig(vae=str(tiny_run / "vae.pt")))
+    assert str(e.value).startswith("error: ") and "flat" in str(e.value)
+
+
 def test_dream_dynamics_probe_feeds_m_its_own_point_estimates(tiny_run, capsys, one_torch_thread):
     """docs/probe_dream_dynamics.py: open_loop feeds M its own mixture mean (or likeliest component) step after
     step; main plays the real hop and wait trajectories and prints one row per step."""

@@ -1,0 +1,105 @@
+"""Probe: is the frog in V's z? M's hop head on V's frozen z, with and without the frog's position handed to it.
+
+M's hop head (danger.HopHead, "does this move kill?") reads the game through V's z alone. In hard mode it stays near
+AUC 0.65 whatever V is (README), and V's reconstructions (docs/vae_hard.png) never draw the frog, a 3x3-pixel green
+sprite there. This probe finds the frog by its colour (a cheat only a probe may use: the agent sees the game through
+V), pools it onto V's 8x8 grid as one more channel, and trains three hop heads as M's stage trains its own (every
+move of hop-then-wait play on levels of seed --seed, half of them mirrored; every --holdout-th env held out) on:
+V's z, V's z plus the frog channel, and the frog channel alone. Printed: each head's AUC on the held-out envs' UPs
+after every epoch. If z plus the frog comes near D, what V loses is the frog.
+
+    python docs/probe_frog.py --vae pretrained/hard/vae.pt --distribution-mode hard
+"""
+import os
+import sys
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo's modules
+from collect import check_flags, cli  # noqa: E402
+from danger import HopHead, hop_auc, hop_envs, hop_epoch, hop_latents  # noqa: E402
+from vae import load_vae  # noqa: E402
+
+FROG_LO, FROG_HI = (130, 170, -1), (190, 256, 90)  # RGB bounds (exclusive) of the frog's green in both modes; the
+# yellow cars (255,204,0), the grey roads and the brown logs fall outside (measured on frames of collect.py)
+
+
+@dataclass
+class ProbeConfig:
+    vae: str = "runs/vae.pt"  # the V whose z is probed (a spatial one: the frog is pooled onto its 8x8 grid)
+    distribution_mode: Literal["easy", "hard"] = "easy"  # procgen difficulty of the play (V's)
+    hop_steps: int = 400_000  # env steps of hop-then-wait play (M's stage's default)
+    epochs: int = 10  # passes of each head over the training moves
+    batch_size: int = 64  # moves per gradient step (M's stage: its --batch-size)
+    holdout: int = 20  # every holdout-th env of the play is held out (levels no training move saw)
+    seed: int = 0  # seeds the play's levels and moves, the heads' weights and the shuffling
+
+    def __post_init__(self):
+        check_flags(self, at_least=dict(hop_steps=256, epochs=1, batch_size=1, holdout=2))
+
+
+def frog_cells(x):
+    """Frames (n,3,64,64) in [0,1] -> (n,64): the share of frog-green pixels in each of V's 8x8-pixel cells, x8
+    (a frog that fills a quarter of a cell gives 2, the scale of V's z)."""
+    rgb = (x * 255).round()  # (n,3,64,64)
+    lo, hi = torch.tensor(FROG_LO)[:, None, None], torch.tensor(FROG_HI)[:, None, None]  # (3,1,1) each
+    frog = ((rgb > lo) & (rgb < hi)).all(1, keepdim=True).float()  # (n,1,64,64)
+    return F.avg_pool2d(frog, 8).flatten(1) * 8  # (n,1,8,8) -> (n,64)
+
+
+class ZAndFrog(nn.Module):
+    """What hop_latents records per frame: V's mu, then the frog channel. -> (n,Z+64)"""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def encode(self, x):
+        return torch.cat([self.vae.encode(x)[0], frog_cells(x)], 1), None  # (n,Z) + (n,64)
+
+
+def train_head(hop, cols, train_idx, test_idx, cfg):
+    """A new hop head on the columns cols of every recorded z -> its held-out UP AUC after each epoch."""
+    torch.manual_seed(cfg.seed)  # the same start for every head
+    data = {k: v[:, cols] if k.startswith("z") else v for k, v in hop.items()}  # z, z_last and their mirrors
+    holder = nn.Module()  # danger.hop_epoch trains model.hop, as in M
+    holder.hop = HopHead(len(cols), grid=True)  # len(cols)/64 channels per cell
+    opt = torch.optim.Adam(holder.parameters(), lr=1e-3)  # M's --lr
+    aucs = []
+    for epoch in range(cfg.epochs):
+        holder.train()
+        hop_epoch(holder, opt, data, train_idx, np.random.default_rng([cfg.seed, epoch, 1]), cfg.batch_size, "cpu")
+        aucs.append(hop_auc(holder, data, test_idx))
+    return aucs
+
+
+def main(cfg):
+    vae = load_vae(cfg.vae)
+    if not vae.spatial:
+        sys.exit(f"error: --vae {cfg.vae}: a flat V (--spatial false); the frog is pooled onto a spatial V's 8x8 grid")
+    torch.manual_seed(cfg.seed)
+    hop = {k: torch.from_numpy(v) for k, v in hop_latents(ZAndFrog(vae).eval(), cfg.distribution_mode, cfg.hop_steps,
+                                                         hop_envs(cfg.hop_steps), cfg.seed).items()}  # (N,...)
+    held = hop["env"] % cfg.holdout == cfg.holdout - 1
+    train_idx, test_idx = (~held).nonzero()[:, 0], held.nonzero()[:, 0]
+    z_dim = vae.z_dim
+    seen = (hop["z"][:, z_dim:].sum(1) > 0).float().mean().item()
+    print(f"{cfg.vae}: {len(hop['died'])} moves of {cfg.hop_steps} {cfg.distribution_mode} steps "
+          f"({hop['died'].mean().item():.1%} deadly, {len(test_idx)} held out); the frog found in {seen:.1%} of them")
+    heads = {"V's z": list(range(z_dim)), "z + frog": list(range(z_dim + 64)),
+             "frog alone": list(range(z_dim, z_dim + 64))}  # columns of the recorded (N,Z+64)
+    aucs = {name: train_head(hop, cols, train_idx, test_idx, cfg) for name, cols in heads.items()}
+    print("held-out UP AUC after each epoch")
+    print(f"{'epoch':>5} " + " ".join(f"{name:>10}" for name in heads))
+    for epoch in range(cfg.epochs):
+        print(f"{epoch + 1:>5} " + " ".join(f"{aucs[name][epoch]:>10.3f}" for name in heads))
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(os.cpu_count() or 1)
+    main(cli(ProbeConfig))
