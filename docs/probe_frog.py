@@ -82,7 +82,6 @@ def main(cfg):
     vae = load_vae(cfg.vae)
     if not vae.spatial:
         sys.exit(f"error: --vae {cfg.vae}: a flat V (--spatial false); the frog is pooled onto a spatial V's 8x8 grid")
-    torch.manual_seed(cfg.seed)
     hop = {k: torch.from_numpy(v) for k, v in hop_latents(ZAndFrog(vae).eval(), cfg.distribution_mode, cfg.hop_steps,
                                                          hop_envs(cfg.hop_steps), cfg.seed).items()}  # (N,...)
     held = hop["env"] % cfg.holdout == cfg.holdout - 1
