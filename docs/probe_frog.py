@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo's modules
-from collect import check_flags, cli  # noqa: E402
+from collect import check_flags, cli, fail  # noqa: E402
 from danger import HopHead, hop_auc, hop_envs, hop_epoch, hop_latents  # noqa: E402
 from vae import load_vae  # noqa: E402
 
@@ -81,7 +81,7 @@ def train_head(hop, cols, train_idx, test_idx, cfg):
 def main(cfg):
     vae = load_vae(cfg.vae)
     if not vae.spatial:
-        sys.exit(f"error: --vae {cfg.vae}: a flat V (--spatial false); the frog is pooled onto a spatial V's 8x8 grid")
+        fail(f"--vae {cfg.vae}: a flat V (--spatial false); the frog is pooled onto a spatial V's 8x8 grid")
     hop = {k: torch.from_numpy(v) for k, v in hop_latents(ZAndFrog(vae).eval(), cfg.distribution_mode, cfg.hop_steps,
                                                          hop_envs(cfg.hop_steps), cfg.seed).items()}  # (N,...)
     held = hop["env"] % cfg.holdout == cfg.holdout - 1
