@@ -1,13 +1,12 @@
-"""Random rollouts of procgen leaper: the data V and M learn from (World Models, section 3: "collect
-10,000 rollouts from a random policy"). One process steps N environments in one C++ call (procgen's
-ProcgenGym3Env): tens of thousands of steps per second on a laptop CPU. Each finished episode is one
-compressed .npz: obs uint8 (T,64,64,3), action int8 (T,) (an index 0..4 into ACTIONS), reward float32
-(T,), done bool (T,) with done[-1] True. obs[t] is the frame the agent saw when it chose action[t];
-reward[t] is what that action earned.
+"""Random rollouts of procgen leaper: the data V and M learn from (World Models, section 3: "collect 10,000
+rollouts from a random policy"). One process steps N environments in one C++ call (procgen's ProcgenGym3Env): tens
+of thousands of steps per second on a laptop CPU. Each finished episode is one compressed .npz: obs uint8
+(T,64,64,3), action int8 (T,) (an index 0..4 into ACTIONS), reward float32 (T,), done bool (T,) with done[-1] True.
+obs[t] is the frame the agent saw when it chose action[t]; reward[t] is what that action earned.
 
-This file is also the one definition of leaper's actions, of the env and of the episode format (V reads
-its frames through load_frames), and it holds what every command line shares (the dataclass CLI, flag
-checks, one-line errors, Ctrl-C); every other module imports them from here.
+This file is also the one definition of leaper's actions, of the env and of the episode format (V reads its frames
+through load_frames), and it holds what every command line shares (the dataclass CLI, flag checks, one-line
+errors, Ctrl-C); every other module imports them from here.
 
     python collect.py --out runs/data --episodes 2000 --distribution-mode easy --seed 0
 """
@@ -36,6 +35,7 @@ ACTION_NAMES = ("LEFT", "DOWN", "NONE", "UP", "RIGHT")
 ACTIONS = np.array([1, 3, 4, 5, 7], dtype=np.int32)  # index 0..4 -> procgen action id
 UP, NONE = ACTION_NAMES.index("UP"), ACTION_NAMES.index("NONE")  # the indices C and M use
 MAX_STEPS = 500  # procgen ends every leaper episode after 500 steps
+ROW = 64 * 64 * 4  # bytes per frame in load_frames' store: 64*64*3 of the frame, 64*64 of its weights
 
 
 def make_env(num, distribution_mode="easy", seed=0, start_level=0, num_levels=0):
@@ -66,20 +66,15 @@ class CollectConfig:
 
 def field_comments(cls):
     """{field: its one-line comment} from the dataclass's source: the text that --help shows."""
-    comments = {}
-    for line in inspect.getsource(cls).splitlines():
-        m = re.match(r"\s+(\w+)\s*:[^#]*#\s*(.*)$", line)
-        if m:
-            comments[m.group(1)] = m.group(2)
-    return comments
+    fields = (re.match(r"\s+(\w+)\s*:[^#]*#\s*(.*)$", line) for line in inspect.getsource(cls).splitlines())
+    return {m.group(1): m.group(2) for m in fields if m}
 
 
 def strict_bool(text):
     """'true'/'false' (also yes/no, 1/0, on/off); anything else, e.g. 'ture', is an error, not False."""
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
+    value = {**dict.fromkeys(("1", "true", "yes", "on"), True), **dict.fromkeys(("0", "false", "no", "off"), False)}
+    if text.lower() in value:
+        return value[text.lower()]
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
@@ -149,9 +144,8 @@ def episode_path(out, index):
 
 
 def savez(path, compress, **arrays):
-    """np.savez with zlib level 1: 2-3x faster than np.savez_compressed (level 6) on these frames, for files
-    ~1.5x larger (measured: 20k against 7k frames/s); np.load reads both. Written to a temp file, then renamed:
-    a half-written file never has a final name, so resume can trust names."""
+    """np.savez with zlib level 1: 2-3x faster than np.savez_compressed (level 6) here, files ~1.5x larger (measured:
+    20k against 7k frames/s). To a temp file, then renamed: a half-written file never has a final name (resume)."""
     mode = zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED
     with zipfile.ZipFile(path + ".tmp", "w", mode, compresslevel=1) as z:
         for name, a in arrays.items():
@@ -183,23 +177,24 @@ def list_episodes(data_dir):
     return [os.path.join(data_dir, f) for f in files]
 
 
-def load_frames(data_dir, holdout, fg_threshold, store):
-    """V's frames: each frame of a data dir and its foreground mask (what differs from the episode's median frame:
-    the frog, cars, logs) go to the open file `store`, so RAM holds a batch, not the data (paper preset: ~5 GB).
-    -> rows(idx) -> (frames uint8 (n,64,64,3), masks uint8 (n,64,64)) of frame indices idx; a held-out flag per
-    frame (every holdout-th episode); the share of foreground pixels."""
+def load_frames(data_dir, holdout, fg_threshold, store, colour_balance=False):
+    """V's frames: each frame of a data dir and its foreground weights (on what differs from the episode's median
+    frame: frog, cars, logs) go to the open file `store`, so RAM holds a batch, not the data (paper preset: ~5 GB).
+    -> rows(idx) -> (frames uint8 (n,64,64,3), weights uint8 (n,64,64) in quarters: 4 on the foreground, or as
+    colour_weights spreads it) of frames idx; a held-out flag per frame (every holdout-th episode); the fg share."""
     held, fg = [], 0
     for k, path in enumerate(tqdm(list_episodes(data_dir), desc="load frames", unit="ep", disable=None)):
         obs = load_episode(path)["obs"]  # (T,64,64,3)
         background = np.median(obs, axis=0).astype(np.int16)  # (64,64,3)
-        mask = (np.abs(obs - background).max(axis=3) > fg_threshold).astype(np.uint8)  # (T,64,64)
-        store.write(np.concatenate([obs.reshape(len(obs), -1), mask.reshape(len(obs), -1)], 1).tobytes())  # (T,ROW)
+        mask = np.abs(obs - background).max(axis=3) > fg_threshold  # (T,64,64)
+        weight = colour_weights(obs, mask) if colour_balance else mask.astype(np.uint8) * 4  # (T,64,64)
+        store.write(np.concatenate([obs.reshape(len(obs), -1), weight.reshape(len(obs), -1)], 1).tobytes())  # (T,ROW)
         held.append(np.full(len(obs), holdout > 0 and k % holdout == holdout - 1))
         fg += int(mask.sum())
     held = np.concatenate(held)
 
     def rows(idx):
-        out = np.empty((len(idx), ROW), np.uint8)  # (n,ROW): a frame's 64*64*3 bytes, then its mask's 64*64
+        out = np.empty((len(idx), ROW), np.uint8)  # (n,ROW): a frame's 64*64*3 bytes, then its weights' 64*64
         for k, i in enumerate(idx):  # seek + read, not np.memmap: mapped pages would count as the process's memory
             store.seek(int(i) * ROW)
             store.readinto(out[k])
@@ -207,12 +202,22 @@ def load_frames(data_dir, holdout, fg_threshold, store):
     return rows, held, fg / (len(held) * 64 * 64)
 
 
-ROW = 64 * 64 * 4  # bytes per frame in load_frames' store: 64*64*3 of the frame, 64*64 of its foreground mask
+def colour_weights(obs, mask):
+    """Frames uint8 (T,64,64,3), foreground masks (T,64,64) -> weights uint8 (T,64,64) in quarters, 4 a foreground
+    pixel on average, spread so that each colour (4 levels a channel) of a frame's foreground weighs the same in all:
+    hard mode's 9-pixel frog as much as a lane of cars, which V alone learns to draw first (docs/vae_hard.png)."""
+    q = obs[..., 0] // 64 * 16 + obs[..., 1] // 64 * 4 + obs[..., 2] // 64  # (T,64,64) colour bin 0..63
+    out = np.zeros(mask.shape, np.uint8)
+    for t in np.flatnonzero(mask.any(axis=(1, 2))):
+        count = np.bincount(q[t][mask[t]], minlength=64)  # (64,) foreground pixels of each colour bin
+        w = np.where(mask[t], 1.0 / np.maximum(count[q[t]], 1), 0)  # (64,64): each colour's pixels share weight 1
+        w *= mask[t].sum() / w.sum()  # mean 1 over the foreground: V's balance of foreground and background stays
+        out[t] = np.clip(np.round(4 * w), 0, 255)
+    return out
 
 
 def random_policy(rng, n, up_prob, max_repeat):
-    """Returns act(): per env, a random action index held for a random number of steps.
-    Biased toward UP so that episodes reach the river and the finish line."""
+    """act(): per env, a random action index held for 1..max_repeat steps, biased to UP to reach river and finish."""
     p = np.full(len(ACTIONS), (1 - up_prob) / (len(ACTIONS) - 1))
     p[UP] = up_prob
     action, left = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64)
@@ -284,8 +289,7 @@ def collect(cfg):
                 writes.remove(w)
     for w in writes:
         w.result()
-    dt = time.time() - t0
-    n = len(missing)
+    dt, n = time.time() - t0, len(missing)
     print(f"collect: {n} new episodes ({cfg.episodes - n} already there), {frames} frames, "
           f"win fraction {wins / max(n, 1):.3f}, {steps} env steps in {dt:.1f}s = "
           f"{steps / dt:,.0f} env steps/s ({frames / dt:,.0f} frames written/s)")

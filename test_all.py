@@ -590,8 +590,26 @@ def test_frames_come_back_from_the_store(tmp_path):
         assert os.path.getsize(tmp_path / "store") == len(obs) * collect.ROW == len(held) * collect.ROW
         idx = np.random.default_rng(0).permutation(len(obs))[:50]
         frames, masks = rows(idx)
-    assert np.array_equal(frames, obs[idx]) and masks.shape == (50, 64, 64) and set(np.unique(masks)) <= {0, 1}
+    assert np.array_equal(frames, obs[idx]) and masks.shape == (50, 64, 64) and set(np.unique(masks)) <= {0, 4}
     assert 0 < fg < 0.5 and 0 < held.mean() < 0.6  # every 3rd episode held out
+
+
+def test_colour_weights_give_a_small_sprite_the_weight_of_a_large_one(tmp_path):
+    """--colour-balance: a frame's foreground weight is spread so that each colour weighs the same in all: a 3x3
+    sprite (hard mode's frog) as much as a 10x10 block, 11 times as much per pixel; nothing off the foreground."""
+    obs = np.full((2, 64, 64, 3), 40, np.uint8)  # (T,64,64,3) a dark background
+    obs[:, 10:20, 10:20] = (200, 60, 60)  # a 10x10 red block (a log)
+    obs[0, 40:43, 30:33] = (150, 220, 40)  # a 3x3 green sprite (the frog), in frame 0 only
+    mask = (obs != 40).any(axis=3)  # (T,64,64)
+    w = collect.colour_weights(obs, mask).astype(float)
+    assert w[~mask].sum() == 0 and abs(w[0][mask[0]].mean() - 4) <= 0.5 and np.all(w[1][mask[1]] == 4)
+    frog, log = w[0, 40:43, 30:33], w[0, 10:20, 10:20]  # equal in all, up to rounding each pixel to a quarter
+    assert abs(frog.sum() - log.sum()) <= 0.5 * (9 + 100) and frog.min() > 10 * log.max()
+    collect_quiet(tmp_path / "data", episodes=3)
+    with open(tmp_path / "store", "w+b") as store:
+        rows, held, _ = collect.load_frames(str(tmp_path / "data"), 0, 24, store, colour_balance=True)
+        _, weights = rows(np.arange(len(held)))
+    assert weights.max() > 4 and len(np.unique(weights)) > 2  # the real frames' colours: spread, not flat
 
 
 def test_device_flag(tmp_path):

@@ -44,6 +44,7 @@ class TrainConfig:
     spatial: bool = True  # V's z as an 8x8 grid (sees the frog and cars in minutes) or Ha's flat vector
     vae_epochs: int = 4  # passes of V over the frames
     fg_weight: float = 10.0  # V's extra weight on pixels that move (frog, cars, logs)
+    colour_balance: bool = False  # V weighs each colour of a frame's foreground the same (hard mode's tiny frog)
     kl_tolerance: float = 0.5  # V's free bits: a KL below this many nats times z_dim is not penalised
     hidden: int = 256  # M's LSTM units
     gaussians: int = 5  # M's mixture components per latent dim
@@ -200,8 +201,9 @@ def round_stages(cfg, here, k):
     tag = "" if k == 1 else f" (round {k} of {cfg.iterations})"
     print(f"== 2/5 train V{tag}")
     vae.train(vae.VAEConfig(data=path("data"), out=path("vae.pt"), z_dim=cfg.z_dim, spatial=cfg.spatial,
-                            epochs=cfg.vae_epochs, fg_weight=cfg.fg_weight, kl_tolerance=cfg.kl_tolerance,
-                            seed=cfg.seed, resume=True, init=os.path.join(prev, "vae.pt") if k > 1 else "",
+                            epochs=cfg.vae_epochs, fg_weight=cfg.fg_weight, colour_balance=cfg.colour_balance,
+                            kl_tolerance=cfg.kl_tolerance, seed=cfg.seed, resume=True,
+                            init=os.path.join(prev, "vae.pt") if k > 1 else "",
                             device=cfg.device))
     print(f"== 3/5 encode, play hop-then-wait for M's hop head, and train M{tag}")
     mdnrnn.train(mdnrnn.MDNConfig(data=path("data"), vae=path("vae.pt"), out=path("mdnrnn.pt"), hidden=cfg.hidden,

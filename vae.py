@@ -42,6 +42,7 @@ class VAEConfig:
     kl_tolerance: float = 0.5  # free bits: a total KL below this many nats times z_dim is not penalised
     fg_weight: float = 10.0  # extra weight of pixels that differ from their episode's background
     fg_threshold: int = 24  # a pixel is foreground if some channel differs from the median by more
+    colour_balance: bool = False  # spread the foreground weight so each colour of a frame weighs the same (hard's frog)
     holdout: int = 20  # every holdout-th episode is kept out of training, for the test error
     seed: int = 0  # seeds torch and the shuffling
     resume: bool = False  # continue from --out instead of refusing to overwrite it
@@ -200,7 +201,7 @@ def evaluate(model, rows, idx, batch_size=512):
         x = to_input(frames).to(next(model.parameters()).device)
         se = (model.decode(model.encode(x)[0]) - x).pow(2).sum(1).cpu()  # (B,64,64)
         err += se.sum().item()
-        fg += (se * torch.as_tensor(masks)).sum().item()
+        fg += (se * torch.as_tensor(masks > 0)).sum().item()
     return err / max(len(idx), 1), fg / max(len(idx), 1)
 
 
@@ -243,7 +244,7 @@ def train(cfg):
     os.makedirs(out_dir := os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
     from collect import load_frames  # the episode format is collect.py's
     store = tempfile.TemporaryFile(dir=out_dir)  # the frames, on disk (see load_frames); deleted when closed
-    rows, held, fg = load_frames(cfg.data, cfg.holdout, cfg.fg_threshold, store)
+    rows, held, fg = load_frames(cfg.data, cfg.holdout, cfg.fg_threshold, store, cfg.colour_balance)
     train_idx, test_idx = np.flatnonzero(~held), np.flatnonzero(held)
     model, opt, epoch, step, dev = start_training(ConvVAE(cfg.z_dim, cfg.spatial), cfg.lr, ckpt, cfg.device)
     if init and not ckpt:
@@ -262,7 +263,7 @@ def train(cfg):
                       disable=None):  # disable=None: a bar on a terminal, none in a log file
             frames, masks = rows(perm[i:i + cfg.batch_size])
             x = to_input(frames).to(dev)  # (B,3,64,64)
-            weight = 1 + cfg.fg_weight * torch.from_numpy(masks).unsqueeze(1).float().to(dev)  # (B,1,64,64)
+            weight = 1 + cfg.fg_weight * torch.from_numpy(masks).unsqueeze(1).float().to(dev) / 4  # (B,1,64,64)
             beta = cfg.beta * (1.0 if init else min(1.0, step / max(cfg.beta_warmup, 1)))  # a fine-tune: no warm-up
             recon, mu, logvar = model(x)
             loss, rec, kl = vae_loss(x, recon, mu, logvar, weight, beta, cfg.kl_tolerance)
