@@ -38,6 +38,7 @@ class MDNConfig:
     lr: float = 1e-3  # Adam learning rate
     grad_clip: float = 1.0  # gradient norm clipping
     hop_steps: int = 400_000  # env steps of hop-then-wait play (danger.py) that M's hop head learns from (0: none)
+    hop_epochs: int = 10  # passes of the hop head over those moves, in M's first epochs (hard: 30 memorise them)
     distribution_mode: Literal["easy", "hard"] = "easy"  # procgen difficulty of that play
     holdout: int = 20  # every holdout-th episode is kept out of training, for the test numbers
     seed: int = 0  # seeds torch and the shuffling
@@ -49,7 +50,7 @@ class MDNConfig:
         from vae import pick_device
         pick_device(self.device)
         check_flags(self, above=dict(lr=0, grad_clip=0), at_least=dict(hidden=1, gaussians=1, seq_len=1, batch_size=1,
-                                                                         epochs=1, holdout=0, hop_steps=0))
+                                                                         epochs=1, holdout=0, hop_steps=0, hop_epochs=1))
 
 
 class MDNRNN(nn.Module):
@@ -95,8 +96,7 @@ def masked_bce(logit, target, mask):
 
 
 def m_losses(model, batch, sample=True):
-    """Mean losses over the valid, unpadded steps: (nll per step, win BCE, death BCE), and the death
-    logits. batch: a dict of tensors, as load_sequences makes them (see there for the fields)."""
+    """Mean losses over a batch's unpadded steps (load_sequences' dict): nll per step, win and death BCE, death logits."""
     mu, logvar = batch["mu"].float(), batch["logvar"].float()  # (B,L+1,Z) each; stored in float16
     z = mu + torch.randn_like(mu) * (0.5 * logvar).exp() if sample else mu  # (B,L+1,Z); Ha resamples z
     mix, win_logit, death_logit, _ = model(z[:, :-1], batch["action"])
@@ -192,8 +192,7 @@ def load_sequences(latents, seq_len, holdout):
         T = len(ep["action"])  # CRUCIAL: done also ends a win and the 500-step cap; death is only the rest
         death = (np.arange(T) == T - 1) & ep["done"][-1] & (ep["reward"].sum() <= 0) & (T < MAX_STEPS)  # (T,)
         for s in range(0, T, seq_len):
-            n = min(seq_len, T - s)  # steps in this window
-            f = min(seq_len + 1, T - s)  # frames in this window (one more when the episode goes on)
+            n, f = min(seq_len, T - s), min(seq_len + 1, T - s)  # steps, frames (one more if the episode goes on)
             cols["mu"].append(pad(ep["mu"][s:s + f], seq_len + 1))  # float16 as stored: half the RAM
             cols["logvar"].append(pad(ep["logvar"][s:s + f], seq_len + 1))
             cols["action"].append(pad(ep["action"][s:s + n].astype(np.int64), seq_len))
@@ -266,7 +265,8 @@ def train(cfg):
             opt.step()
             step += 1
             tot += np.array([nll.item(), win_bce.item(), death_bce.item()])
-        hop_bce = hop_epoch(model, opt, hop, hop_idx, np.random.default_rng([cfg.seed, epoch, 1]), cfg.batch_size, dev)
+        moves = hop_idx if epoch < cfg.hop_epochs else hop_idx[:0]  # after hop_epochs none (its BCE is logged as nan)
+        hop_bce = hop_epoch(model, opt, hop, moves, np.random.default_rng([cfg.seed, epoch, 1]), cfg.batch_size, dev)
         epoch += 1
         nll, win_bce, death_bce = tot / math.ceil(n_train / cfg.batch_size)  # means over the epoch's batches
         row = dict(epoch=epoch, step=step, nll=nll, win_bce=win_bce, death_bce=death_bce,
@@ -284,9 +284,9 @@ def train(cfg):
 
 def load_mdnrnn(path):
     """Rebuild M from its checkpoint alone (a file that is not one gets vae.load_checkpoint's error line)."""
+    from danger import HopHead
     from vae import load_checkpoint
     ckpt = load_checkpoint(path)
-    from danger import HopHead
     hop = HopHead(ckpt["z_dim"], ckpt["grid"]) if ckpt.get("hop_env_steps") else None  # None: --hop-steps 0, or older
     model = MDNRNN(ckpt["z_dim"], ckpt["config"]["hidden"], ckpt["config"]["gaussians"], hop=hop)
     model.load_state_dict({k: v.float() for k, v in ckpt["model"].items()})
