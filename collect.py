@@ -205,7 +205,7 @@ def load_frames(data_dir, holdout, fg_threshold, store, colour_balance=False):
 def colour_weights(obs, mask):
     """Frames uint8 (T,64,64,3), foreground masks (T,64,64) -> weights uint8 (T,64,64) in quarters, 4 a foreground
     pixel on average, spread so that each colour (4 levels a channel) of a frame's foreground weighs the same in all:
-    hard mode's 9-pixel frog as much as a lane of cars, which V alone learns to draw first (docs/vae_hard.png)."""
+    hard mode's 9-pixel frog as much as a lane of cars (without it V draws the cars first, never the frog)."""
     q = obs[..., 0] // 64 * 16 + obs[..., 1] // 64 * 4 + obs[..., 2] // 64  # (T,64,64) colour bin 0..63
     out = np.zeros(mask.shape, np.uint8)
     for t in np.flatnonzero(mask.any(axis=(1, 2))):
