@@ -36,6 +36,7 @@ ACTIONS = np.array([1, 3, 4, 5, 7], dtype=np.int32)  # index 0..4 -> procgen act
 UP, NONE = ACTION_NAMES.index("UP"), ACTION_NAMES.index("NONE")  # the indices C and M use
 MAX_STEPS = 500  # procgen ends every leaper episode after 500 steps
 ROW = 64 * 64 * 4  # bytes per frame in load_frames' store: 64*64*3 of the frame, 64*64 of its weights
+FG_UNIT = 4  # load_frames' weights count quarters: a plain foreground pixel has FG_UNIT (uint8, and finer)
 
 
 def make_env(num, distribution_mode="easy", seed=0, start_level=0, num_levels=0):
@@ -178,16 +179,15 @@ def list_episodes(data_dir):
 
 
 def load_frames(data_dir, holdout, fg_threshold, store, colour_balance=False):
-    """V's frames: each frame of a data dir and its foreground weights (on what differs from the episode's median
-    frame: frog, cars, logs) go to the open file `store`, so RAM holds a batch, not the data (paper preset: ~5 GB).
-    -> rows(idx) -> (frames uint8 (n,64,64,3), weights uint8 (n,64,64) in quarters: 4 on the foreground, or as
-    colour_weights spreads it) of frames idx; a held-out flag per frame (every holdout-th episode); the fg share."""
+    """V's frames and their foreground weights (FG_UNIT where a pixel differs from its episode's median frame: frog,
+    cars, logs; or as colour_weights spreads it) go to the open file `store`: RAM holds a batch (paper preset: ~5 GB).
+    -> rows(idx) -> (frames uint8 (n,64,64,3), weights uint8 (n,64,64)) of frames idx; held-out flags; the fg share."""
     held, fg = [], 0
     for k, path in enumerate(tqdm(list_episodes(data_dir), desc="load frames", unit="ep", disable=None)):
         obs = load_episode(path)["obs"]  # (T,64,64,3)
         background = np.median(obs, axis=0).astype(np.int16)  # (64,64,3)
         mask = np.abs(obs - background).max(axis=3) > fg_threshold  # (T,64,64)
-        weight = colour_weights(obs, mask) if colour_balance else mask.astype(np.uint8) * 4  # (T,64,64)
+        weight = colour_weights(obs, mask) if colour_balance else mask.astype(np.uint8) * FG_UNIT  # (T,64,64)
         store.write(np.concatenate([obs.reshape(len(obs), -1), weight.reshape(len(obs), -1)], 1).tobytes())  # (T,ROW)
         held.append(np.full(len(obs), holdout > 0 and k % holdout == holdout - 1))
         fg += int(mask.sum())
@@ -203,8 +203,8 @@ def load_frames(data_dir, holdout, fg_threshold, store, colour_balance=False):
 
 
 def colour_weights(obs, mask):
-    """Frames uint8 (T,64,64,3), foreground masks (T,64,64) -> weights uint8 (T,64,64) in quarters, 4 a foreground
-    pixel on average, spread so that each colour (4 levels a channel) of a frame's foreground weighs the same in all:
+    """Frames uint8 (T,64,64,3), foreground masks (T,64,64) -> weights uint8 (T,64,64), FG_UNIT a foreground pixel
+    on average, spread so that each colour (4 levels a channel) of a frame's foreground weighs the same in all:
     hard mode's 9-pixel frog as much as a lane of cars (without it V draws the cars first, never the frog)."""
     q = obs[..., 0] // 64 * 16 + obs[..., 1] // 64 * 4 + obs[..., 2] // 64  # (T,64,64) colour bin 0..63
     out = np.zeros(mask.shape, np.uint8)
@@ -212,7 +212,7 @@ def colour_weights(obs, mask):
         count = np.bincount(q[t][mask[t]], minlength=64)  # (64,) foreground pixels of each colour bin
         w = np.where(mask[t], 1.0 / np.maximum(count[q[t]], 1), 0)  # (64,64): each colour's pixels share weight 1
         w *= mask[t].sum() / w.sum()  # mean 1 over the foreground: V's balance of foreground and background stays
-        out[t] = np.clip(np.round(4 * w), 0, 255)
+        out[t] = np.clip(np.round(FG_UNIT * w), 0, 255)
     return out
 
 

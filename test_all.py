@@ -590,7 +590,7 @@ def test_frames_come_back_from_the_store(tmp_path):
         assert os.path.getsize(tmp_path / "store") == len(obs) * collect.ROW == len(held) * collect.ROW
         idx = np.random.default_rng(0).permutation(len(obs))[:50]
         frames, masks = rows(idx)
-    assert np.array_equal(frames, obs[idx]) and masks.shape == (50, 64, 64) and set(np.unique(masks)) <= {0, 4}
+    assert np.array_equal(frames, obs[idx]) and masks.shape == (50, 64, 64) and set(np.unique(masks)) <= {0, collect.FG_UNIT}
     assert 0 < fg < 0.5 and 0 < held.mean() < 0.6  # every 3rd episode held out
 
 

@@ -242,7 +242,7 @@ def train(cfg):
         return load_vae(cfg.out)
     torch.manual_seed(cfg.seed)  # seeding, in one place: weights, sampling and (below) shuffling
     os.makedirs(out_dir := os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
-    from collect import load_frames  # the episode format is collect.py's
+    from collect import FG_UNIT, load_frames  # the episode format is collect.py's
     store = tempfile.TemporaryFile(dir=out_dir)  # the frames, on disk (see load_frames); deleted when closed
     rows, held, fg = load_frames(cfg.data, cfg.holdout, cfg.fg_threshold, store, cfg.colour_balance)
     train_idx, test_idx = np.flatnonzero(~held), np.flatnonzero(held)
@@ -263,7 +263,7 @@ def train(cfg):
                       disable=None):  # disable=None: a bar on a terminal, none in a log file
             frames, masks = rows(perm[i:i + cfg.batch_size])
             x = to_input(frames).to(dev)  # (B,3,64,64)
-            weight = 1 + cfg.fg_weight * torch.from_numpy(masks).unsqueeze(1).float().to(dev) / 4  # (B,1,64,64)
+            weight = 1 + cfg.fg_weight * torch.from_numpy(masks).unsqueeze(1).float().to(dev) / FG_UNIT  # (B,1,64,64)
             beta = cfg.beta * (1.0 if init else min(1.0, step / max(cfg.beta_warmup, 1)))  # a fine-tune: no warm-up
             recon, mu, logvar = model(x)
             loss, rec, kl = vae_loss(x, recon, mu, logvar, weight, beta, cfg.kl_tolerance)

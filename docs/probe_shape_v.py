@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo's modules
-from collect import ACTIONS, UP, check_flags, cli, load_frames  # noqa: E402
+from collect import ACTIONS, FG_UNIT, UP, check_flags, cli, load_frames  # noqa: E402
 from controller import Agent, input_sizes  # noqa: E402
 from danger import MIRROR, HopHead, auc, hop_then_wait, start_point  # noqa: E402
 from evaluate import play  # noqa: E402
@@ -74,7 +74,7 @@ def main(cfg):
         frames, masks = rows(rng.choice(train_idx, 64))  # V's own loss, as vae.py trains it (fg weight 10)
         x = to_input(frames)
         recon, mu, logvar = vae(x)
-        elbo = vae_loss(x, recon, mu, logvar, 1 + 10 * torch.from_numpy(masks)[:, None].float() / 4, 1.0, 0.5)[0]
+        elbo = vae_loss(x, recon, mu, logvar, 1 + 10 * torch.from_numpy(masks)[:, None].float() / FG_UNIT, 1.0, 0.5)[0]
         b, m = rng.choice(len(y), 64), rng.random(64) < 0.5  # 64 moves, half of them seen in a mirror
         xb, a = X[b], X[b, 0, 0, 6]  # (64,64,64,7), (64,)
         xb, a = np.where(m[:, None, None, None], xb[:, :, ::-1], xb), np.where(m, MIRROR.numpy()[a], a)  # LEFT<->RIGHT
