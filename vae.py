@@ -197,11 +197,11 @@ def evaluate(model, rows, idx, batch_size=512):
     """Mean summed squared error per frame over all pixels and over foreground pixels only, on frames idx."""
     err = fg = 0.0
     for i in range(0, len(idx), batch_size):
-        frames, masks = rows(idx[i:i + batch_size])
+        frames, fg_weights = rows(idx[i:i + batch_size])
         x = to_input(frames).to(next(model.parameters()).device)
         se = (model.decode(model.encode(x)[0]) - x).pow(2).sum(1).cpu()  # (B,64,64)
         err += se.sum().item()
-        fg += (se * torch.as_tensor(masks > 0)).sum().item()
+        fg += (se * torch.as_tensor(fg_weights > 0)).sum().item()
     return err / max(len(idx), 1), fg / max(len(idx), 1)
 
 
@@ -261,9 +261,9 @@ def train(cfg):
         perm = np.random.default_rng([cfg.seed, epoch]).permutation(train_idx)
         for i in tqdm(range(0, len(perm), cfg.batch_size), desc=f"V epoch {epoch + 1}/{cfg.epochs}", unit="batch",
                       disable=None):  # disable=None: a bar on a terminal, none in a log file
-            frames, masks = rows(perm[i:i + cfg.batch_size])
+            frames, fg_weights = rows(perm[i:i + cfg.batch_size])
             x = to_input(frames).to(dev)  # (B,3,64,64)
-            weight = 1 + cfg.fg_weight * torch.from_numpy(masks).unsqueeze(1).float().to(dev) / FG_UNIT  # (B,1,64,64)
+            weight = 1 + cfg.fg_weight * torch.from_numpy(fg_weights).unsqueeze(1).float().to(dev) / FG_UNIT  # (B,1,64,64)
             beta = cfg.beta * (1.0 if init else min(1.0, step / max(cfg.beta_warmup, 1)))  # a fine-tune: no warm-up
             recon, mu, logvar = model(x)
             loss, rec, kl = vae_loss(x, recon, mu, logvar, weight, beta, cfg.kl_tolerance)

@@ -71,10 +71,10 @@ def main(cfg):
 
     t0, bce = time.time(), []
     for step in range(cfg.steps):
-        frames, masks = rows(rng.choice(train_idx, 64))  # V's own loss, as vae.py trains it (fg weight 10)
+        frames, fg_weights = rows(rng.choice(train_idx, 64))  # V's own loss, as vae.py trains it (fg weight 10)
         x = to_input(frames)
         recon, mu, logvar = vae(x)
-        elbo = vae_loss(x, recon, mu, logvar, 1 + 10 * torch.from_numpy(masks)[:, None].float() / FG_UNIT, 1.0, 0.5)[0]
+        elbo = vae_loss(x, recon, mu, logvar, 1 + 10 * torch.from_numpy(fg_weights)[:, None].float() / FG_UNIT, 1.0, 0.5)[0]
         b, m = rng.choice(len(y), 64), rng.random(64) < 0.5  # 64 moves, half of them seen in a mirror
         xb, a = X[b], X[b, 0, 0, 6]  # (64,64,64,7), (64,)
         xb, a = np.where(m[:, None, None, None], xb[:, :, ::-1], xb), np.where(m, MIRROR.numpy()[a], a)  # LEFT<->RIGHT
