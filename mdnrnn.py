@@ -265,12 +265,12 @@ def train(cfg):
             opt.step()
             step += 1
             tot += np.array([nll.item(), win_bce.item(), death_bce.item()])
-        moves = hop_idx if epoch < cfg.hop_epochs else hop_idx[:0]  # after hop_epochs none (its BCE is logged as nan)
+        moves = hop_idx if epoch < cfg.hop_epochs else hop_idx[:0]  # after hop_epochs none (no hop_bce logged)
         hop_bce = hop_epoch(model, opt, hop, moves, np.random.default_rng([cfg.seed, epoch, 1]), cfg.batch_size, dev)
         epoch += 1
         nll, win_bce, death_bce = tot / math.ceil(n_train / cfg.batch_size)  # means over the epoch's batches
-        row = dict(epoch=epoch, step=step, nll=nll, win_bce=win_bce, death_bce=death_bce,
-                   **test_metrics(model, test_set), hop_bce=hop_bce, test_hop_auc=hop_auc(model, hop, hop_test),
+        row = dict(epoch=epoch, step=step, nll=nll, win_bce=win_bce, death_bce=death_bce, **test_metrics(model, test_set),
+                   **({"hop_bce": hop_bce} if len(moves) else {}), test_hop_auc=hop_auc(model, hop, hop_test),
                    steps_per_s=float(data["step_mask"][train_idx].sum()) / (time.time() - t0))
         print("M " + " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
         config = dataclasses.asdict(cfg)
