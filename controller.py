@@ -14,6 +14,7 @@ import json
 import multiprocessing as mp
 import os
 import signal
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -253,7 +254,6 @@ def train(cfg):
         first = make_env(cfg.dream_episodes, cfg.distribution_mode, seed=int(levels[0])).observe()[1]["rgb"]
         z0 = vae.encode(to_input(first))[0]  # (E,Z): dreams start from V's z of new levels' first frames
         W = torch.as_tensor(X, dtype=torch.float32).view(len(X), len(ACTIONS), -1).repeat_interleave(len(z0), 0)
-
         policy = lambda z, h, idx: choose(W[idx], features(z, h, cfg.inputs))  # dream p*E+e: candidate p's, start e
         ret, length = dream(mdn, policy, z0.repeat(len(X), 1), cfg.temperature)  # (P*E,) each
         return ret.view(len(X), -1).mean(1).numpy(), int(length.sum())
@@ -289,9 +289,10 @@ def train(cfg):
                              id=identity(config, generation=gen + 1, **made_from)), cfg.out)
             with open(os.path.splitext(cfg.out)[0] + ".jsonl", "a") as f:
                 f.write(json.dumps({k: float(v) for k, v in row.items()}) + "\n")
-    finally:  # stop the workers now, queued work and all (Ray's pool: terminate)
-        if pool:
-            pool.terminate() if hasattr(pool, "terminate") else pool.shutdown(wait=False, cancel_futures=True)
+    finally:  # stop the workers: at once after an error or Ctrl-C; after a clean run wait for them (wait=False
+        if pool:  # races Python's exit hook there: "OSError: Bad file descriptor", cpython#83279). Ray's: terminate.
+            clean = sys.exc_info()[0] is None
+            pool.terminate() if hasattr(pool, "terminate") else pool.shutdown(wait=clean, cancel_futures=True)
     return best
 
 
