@@ -1,8 +1,7 @@
-"""C: the controller of World Models (Ha & Schmidhuber 2018, section 2.3), one linear layer + sigmoid on [z_t, h_t]
--> 5 action scores, trained by CMA-ES (`cma`) on the real game or in M's dream (section 4). With --inputs zhd (the
-default) it also reads D's logit of "this UP is deadly" (danger.py), with zhm M's (its hop head on V's z), and starts
-at the controller that logit implies: "UP iff it is < 0". Real rollouts are batched (a level's env holds a copy
-per candidate) and split over processes (or Ray's, on a cluster).
+"""C: the controller of World Models (Ha & Schmidhuber 2018, section 2.3), one linear layer + sigmoid on [z_t, h_t] -> 5
+action scores, trained by CMA-ES (`cma`) on the real game or in M's dream (section 4). With --inputs zhd (the default)
+it also reads D's logit of "this UP is deadly" (danger.py), with zhm M's (its hop head on V's z), and starts at the rule
+it implies, "UP iff it is < --start-threshold". Rollouts are batched, split over processes (or Ray's).
 
     python controller.py                          # runs/vae.pt, mdnrnn.pt, danger.pt -> runs/controller.pt
     python controller.py --inputs zh --out runs/controller_zh.pt     # Ha's C on [z, h], without D
@@ -44,7 +43,8 @@ class CConfig:
     levels: int = 16  # episodes per candidate per generation: the same new levels for all candidates
     max_steps: int = 250  # fitness episodes stop here (easy wins take 25-100 steps; the game's cap is 500)
     sigma0: float = 0.5  # initial CMA-ES step size
-    danger_prior: float = 1.0  # with d or m: start at "UP iff its logit < 0, else no-op" (0: start at zero)
+    danger_prior: float = 1.0  # with d or m: start at "UP iff its logit < start_threshold, else no-op" (0: at zero)
+    start_threshold: float = 0.0  # that rule's threshold (lower: fewer, safer UPs)
     diagonal: int = 1000  # above this many parameters use the diagonal (sep-)CMA, O(n) per step
     controller_env: Literal["real", "dream"] = "real"  # where candidates are scored: the game or M's dream (Ha §4)
     temperature: float = 1.15  # the dream's tau: M samples at this temperature (Ha: 1.15 for Doom)
@@ -201,9 +201,9 @@ def make_search(cfg, sizes):
     numbers, h: 256, d: 1) starts with the same say in C's scores, so one d is not drowned by 384 others."""
     n_params = len(ACTIONS) * (sum(sizes.values()) + 1)
     stds = np.concatenate([np.full(n, n ** -0.5) for n in sizes.values()] + [np.ones(1)])  # (n_features+1,)
-    opts = dict(popsize=cfg.popsize, seed=cfg.seed + 1, CMA_diagonal=n_params > cfg.diagonal, verbose=-9,
-                CMA_stds=np.tile(stds, len(ACTIONS)))  # (5*(n_features+1),), the order of x0.ravel()
-    return cma.CMAEvolutionStrategy(start_point(n_params, cfg.inputs, cfg.danger_prior).ravel(), cfg.sigma0, opts)
+    x0 = start_point(n_params, cfg.inputs, cfg.danger_prior, cfg.start_threshold).ravel()  # (5*(n_features+1),)
+    return cma.CMAEvolutionStrategy(x0, cfg.sigma0, dict(popsize=cfg.popsize, seed=cfg.seed + 1, verbose=-9,
+                                    CMA_diagonal=n_params > cfg.diagonal, CMA_stds=np.tile(stds, len(ACTIONS))))
 
 
 def level_draw(seed, generation, n):

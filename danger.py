@@ -275,13 +275,13 @@ def danger_logit(inputs, d, mdn, z, z_last, obs, last):
     return d(obs, last) if "d" in inputs else mdn.hop(z, z_last, torch.full((len(z),), UP)) if "m" in inputs else None
 
 
-def start_point(n_params, inputs, danger_prior=0.0):
+def start_point(n_params, inputs, danger_prior=0.0, threshold=0.0):
     """C's start for CMA-ES (5,n_features+1), bias last: zero, or with d (or m) and danger_prior the controller it
-    implies, "UP iff that logit < 0, else no-op", a prior the search can leave (in hard mode CMA-ES from zero missed
-    it)."""
+    implies, "UP iff that logit < threshold, else no-op", a prior the search can leave (in hard mode CMA-ES from zero
+    missed it)."""
     x0 = np.zeros((len(ACTIONS), n_params // len(ACTIONS)))  # (5,n_features+1)
     if inputs[-1] in "dm":
-        x0[UP, -2] = -danger_prior  # d (or m) is C's last input, just before the bias
+        x0[UP, -2:] = -danger_prior, danger_prior * threshold  # UP's score prior * (thr - logit) > 0 iff logit < thr
         x0[[a for a in range(len(ACTIONS)) if a not in (UP, NONE)], -1] -= danger_prior  # else NONE wins
     return x0
 

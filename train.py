@@ -57,7 +57,8 @@ class TrainConfig:
     levels: int = 16  # episodes per candidate per generation (common levels)
     max_steps: int = 250  # fitness episodes stop here (the held-out test plays the game's full 500)
     sigma0: float = 0.5  # CMA-ES initial step size
-    danger_prior: float = 1.0  # CMA-ES starts at "UP iff D's logit < 0, else no-op" (0: starts at zero)
+    danger_prior: float = 1.0  # CMA-ES starts at "UP iff D's logit < start_threshold, else no-op" (0: at zero)
+    start_threshold: float = 0.0  # that rule's threshold (lower: fewer, safer UPs)
     inputs: Literal["z", "zh", "zhd", "zhm"] = "zhd"  # C reads z, [z, h] (Ha's), [z, h] + D's logit d or M's hop m
     controller_env: Literal["real", "dream"] = "real"  # C's fitness: the game, or M's dream (then zh and no D)
     temperature: float = 1.15  # the dream's tau (Ha: 1.15 for Doom)
@@ -221,7 +222,8 @@ def round_stages(cfg, here, k):
     d_steps = vae.load_checkpoint(path("danger.pt"))["env_steps"] if cfg.danger_steps and k == 1 else 0
     print(f"== 5/5 evolve C{tag}")
     shared = ("distribution_mode", "generations", "popsize", "levels", "max_steps", "sigma0", "danger_prior", "inputs",
-              "controller_env", "temperature", "dream_episodes", "eval_every", "eval_levels", "workers", "pool", "seed")
+              "start_threshold", "controller_env", "temperature", "dream_episodes", "eval_every", "eval_levels",
+              "workers", "pool", "seed")
     ccfg = controller.CConfig(vae=path("vae.pt"), mdnrnn=path("mdnrnn.pt"), out=path("controller.pt"),
                               danger=path("danger.pt"), resume=True, **{f: getattr(cfg, f) for f in shared})
     controller.train(ccfg)

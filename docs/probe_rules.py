@@ -66,8 +66,7 @@ def main(cfg):
     for inputs, danger in readers:
         sizes = input_sizes(inputs, vae.z_dim, mdn.hidden)
         for thr in cfg.thr:
-            x0 = start_point(len(ACTIONS) * (sum(sizes.values()) + 1), inputs, 1.0)  # (5,F+1): UP iff logit < 0
-            x0[UP, -1] += thr  # UP's score -logit + thr beats NONE's 0 iff logit < thr
+            x0 = start_point(len(ACTIONS) * (sum(sizes.values()) + 1), inputs, 1.0, thr)  # (5,F+1): UP iff logit < thr
             policy = Counting(Agent(vae, mdn, torch.as_tensor(x0), inputs, danger))
             ret, length = play(policy, cfg.episodes, cfg.seed, cfg.distribution_mode, desc=f"{inputs} {thr}")
             win, timeout = ret > 0, (ret <= 0) & (length >= MAX_STEPS)
