@@ -530,7 +530,6 @@ def test_danger_prior_starts_at_up_unless_d_says_deadly():
     x1 = danger.start_point(5 * (D + 1), "zhm", danger_prior=2.0, threshold=-1.5)  # "UP iff M's logit < -1.5"
     a = controller.choose(torch.as_tensor(x1, dtype=torch.float32), f).numpy()
     assert np.array_equal(a, np.where(f[:, -1].numpy() < -1.5, collect.UP, collect.NONE))
-    assert (a == collect.UP).sum() < (f[:, -1] < 0).sum()  # a lower threshold: fewer UPs
 
 
 def test_pool_equals_serial(tiny_run):
