@@ -978,6 +978,33 @@ def test_grid_dream_probe_learns_a_toy_frog_game(tmp_path, capsys, one_torch_thr
     assert "C generation 1: dream mean" in out and "real validation wins" in out and "held out:" in out
 
 
+def test_grid_dream_probe_categorical_dream_is_sharp_and_plays_the_toy_game(tmp_path, one_torch_thread):
+    """probe_grid_dream --bins: the categorical's loss is -log p of the bin nearest the target's change (checked
+    against torch.distributions), every dreamt change is a bin's (no average of two places), and on the toy frog game
+    the dream lets always-UP win, kills always-LEFT at once and never ends always-NONE."""
+    probe, rng = load_probe("probe_grid_dream"), np.random.default_rng(0)
+    synthetic_frog_latents(str(tmp_path / "run" / "latents"), 200, rng)
+    cfg = probe.ProbeConfig(run=str(tmp_path / "run"), steps=400, unroll=2, width=16, bins=33, tau=0.01)
+    model, row = probe.train_grid(cfg)
+    assert row["win_auc"] > 0.95 and row["death_auc"] > 0.95 and row["error"] < 0.5 * row["copy_error"]
+    dist = (torch.randn(3, 64, 33), torch.randn(3, 64))  # the change's logits (N,Z,B), z (N,Z)
+    target = dist[1] + torch.rand(3, 64) * 8 - 4  # some changes outside [-3, 3]: they count as the end bins
+    nearest = ((target - dist[1]).clamp(-probe.LIMIT, probe.LIMIT)[..., None] - model.centres).abs().argmin(-1)
+    want = -torch.distributions.Categorical(logits=dist[0]).log_prob(nearest)
+    assert torch.allclose(model.nll(dist, target), want, atol=1e-5)
+    z0 = torch.zeros(16, 8, 8)  # (N,8,8): frogs in row 7
+    z0[torch.arange(16), 7, torch.arange(16) % 8] = 3
+    torch.manual_seed(0)
+    z = model.sample(model(z0.view(16, 64), z0.view(16, 64), torch.full((16,), collect.UP))[0], 1.0)
+    assert torch.isin(z - z0.view(16, 64), model.centres).all()  # every change is one of the bins
+    mdn = mdnrnn.MDNRNN(64, hidden=4, gaussians=1)
+    ends = {a: probe.grid_dream(model, mdn, lambda z, h, up, idx: torch.full((len(idx),), a), z0.view(16, 64), 0.01, 40)
+            for a in (collect.UP, collect.NONE, 0)}
+    assert (ends[collect.UP][0] == 10).float().mean() >= 0.9 and ends[collect.UP][1].float().mean() < 12
+    assert (ends[0][0] == 0).all() and (ends[0][1] <= 2).float().mean() >= 0.9  # always-LEFT: dead at once
+    assert (ends[collect.NONE][1] == 40).float().mean() >= 0.9  # always-NONE: neither wins nor dies
+
+
 def test_grid_dream_probe_refuses_a_flat_v_and_missing_latents(tiny_run, tmp_path):
     probe = load_probe("probe_grid_dream")
     with pytest.raises(SystemExit) as e:  # tiny_run's V is flat

@@ -29,13 +29,15 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo's modules
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # and the probe beside it (also when imported)
-from collect import ACTIONS, ACTION_NAMES, MAX_STEPS, UP, check_flags, cli, fail, make_env  # noqa: E402
+from collect import ACTIONS, ACTION_NAMES, MAX_STEPS, NONE, UP, check_flags, cli, fail, make_env  # noqa: E402
 from controller import CConfig, Agent, choose, cma_generation, features, input_sizes, level_draw, make_search  # noqa
 from danger import HopHead, auc  # noqa: E402
 from evaluate import Always, play, summarize  # noqa: E402
 from mdnrnn import load_mdnrnn, read_latents  # noqa: E402
 from probe_dream_dynamics import ConvTransition  # noqa: E402
 from vae import load_vae, to_input  # noqa: E402
+
+LIMIT = 3.0  # the categorical's bins span [-LIMIT, LIMIT] of z's change per step: 99.99% of V's mu change by < 2.2
 
 
 @dataclass
@@ -46,7 +48,9 @@ class ProbeConfig:
     unroll: int = 6  # training windows: the transition fed its own predictions this many steps (1: one-step)
     batch: int = 64  # windows per gradient step
     width: int = 64  # channels of the transition's convs (the heads: half)
-    tau: float = 1.0  # the dream's temperature: the sampled change of z is scaled by sqrt(tau)
+    bins: int = 0  # > 0: z's change is a categorical over this many values per latent (0: one Gaussian per latent)
+    death_steps: int = 1  # the last this many steps of a dying episode are labelled death (the car comes first)
+    tau: float = 1.0  # the dream's temperature: the Gaussian's spread * sqrt(tau), the categorical's logits / tau
     episodes: int = 256  # dreams per constant action, from held-out first frames
     generations: int = 0  # CMA-ES generations of C in the dream (0: no search)
     popsize: int = 32  # candidates per generation
@@ -54,31 +58,62 @@ class ProbeConfig:
     max_steps: int = 250  # a dream episode's cap in the search (the game's: 500)
     check_levels: int = 64  # real validation levels the CMA mean plays every 5 generations
     test_episodes: int = 1000  # held-out levels the searched C plays at the end (evaluate.py's stream)
+    strip: str = ""  # a PNG to write: V's decoding of 4 dreams, hopping every 6 steps, beside the real game's frames
     seed: int = 0  # seeds the model's training, the dreams and CMA-ES
 
     def __post_init__(self):
-        check_flags(self, at_least=dict(steps=1, unroll=1, batch=1, width=2, episodes=1, generations=0, popsize=2,
+        check_flags(self, at_least=dict(steps=1, unroll=1, bins=0, death_steps=1, batch=1, width=2, episodes=1, generations=0, popsize=2,
                                         dream_episodes=1, max_steps=1, check_levels=1,
                                         test_episodes=1), above=dict(tau=0))
 
 
 class GridModel(nn.Module):
-    """A world model on V's grid: the next z as a Gaussian (mean: the conv transition; a learnt std per latent),
-    and the logits of "this step wins" and "this step kills the frog"."""
+    """A world model on V's grid: the next z (one Gaussian per latent: the conv transition's mean and a learnt std;
+    or, with bins, z plus a categorical over bins changes per latent, so that a sample is a sharp frame and not an
+    average of the places the frog may be), and the logits of "this step wins" and "this step kills the frog"."""
 
-    def __init__(self, z_dim, width=64):
+    def __init__(self, z_dim, width=64, bins=0):
         super().__init__()
-        self.move = ConvTransition(z_dim // 64, width)
+        c, self.bins = z_dim // 64, bins
+        self.move = ConvTransition(c, width, out=c * bins)
         self.win, self.death = HopHead(z_dim, width=width // 2), HopHead(z_dim, width=width // 2)
-        self.log_sigma = nn.Parameter(torch.zeros(z_dim))  # (Z,)
+        self.log_sigma = nn.Parameter(torch.zeros(z_dim))  # (Z,) the Gaussian's; unused with bins
+        u = torch.linspace(-1, 1, max(bins, 2))  # (B,) the bins' changes: dense near 0, where most changes are
+        self.register_buffer("centres", LIMIT * u.sign() * u.pow(2))
 
     def forward(self, z, z_last, a):
-        """z, z_last (N,Z), action indices (N,) -> the next z's mean and log std (N,Z), win and death logits (N,)."""
-        mean = self.move(z, z_last, a)
-        return mean, self.log_sigma.clamp(-5, 2).expand_as(mean), self.win(z, z_last, a), self.death(z, z_last, a)
+        """z, z_last (N,Z), action indices (N,) -> the next z's distribution (Gaussian: its mean and log std, (N,Z)
+        each; categorical: the logits of the change (N,Z,B) and z), the win and death logits (N,)."""
+        y, n = self.move(z, z_last, a), len(z)
+        if self.bins:  # (N,c*B,8,8) -> (N,c,B,8,8) -> (N,c,8,8,B) -> (N,Z,B), Z in z's own order (channel, cell)
+            dist = (y.view(n, -1, self.bins, 8, 8).permute(0, 1, 3, 4, 2).reshape(n, -1, self.bins), z)
+        else:
+            dist = (y, self.log_sigma.clamp(-5, 2).expand_as(y))
+        return dist, self.win(z, z_last, a), self.death(z, z_last, a)
+
+    def nll(self, dist, target):
+        """-log p(target) under dist, (N,Z); the Gaussian's mean learns by squared error, its std by the NLL around
+        the detached mean."""
+        if self.bins:  # the bin nearest the target's change
+            k = torch.bucketize((target - dist[1]).clamp(-LIMIT, LIMIT), (self.centres[1:] + self.centres[:-1]) / 2)
+            return F.cross_entropy(dist[0].transpose(1, 2), k, reduction="none")  # logits (N,B,Z), k (N,Z)
+        mean, log_sigma = dist
+        err = (target - mean).pow(2)
+        return err + 0.5 * err.detach() / (2 * log_sigma).exp() + log_sigma
+
+    def mean(self, dist):
+        """The expected next z (N,Z)."""
+        return dist[1] + torch.softmax(dist[0], -1) @ self.centres if self.bins else dist[0]
+
+    def sample(self, dist, tau):
+        """A next z (N,Z) at temperature tau (Ha's: logits / tau; the Gaussian's spread * sqrt(tau))."""
+        if self.bins:
+            return dist[1] + self.centres[torch.distributions.Categorical(logits=dist[0] / tau).sample()]  # (N,Z)
+        mean, log_sigma = dist
+        return mean + log_sigma.exp() * math.sqrt(tau) * torch.randn_like(mean)
 
 
-def steps_of(latents, holdout=20):
+def steps_of(latents, holdout=20, death_steps=1):
     """Every step t of the encoded episodes as flat tensors, training and held-out (M's split: episodes holdout-1,
     2 holdout-1, ...): z_t, z_{t-1} (z_0 at t = 0), a_t, win_t, death_t (as mdnrnn.load_sequences labels them), z_{t+1}
     (z_t at the last step, where has_next is 0) and left (steps after t in its episode)."""
@@ -95,7 +130,7 @@ def steps_of(latents, holdout=20):
         col["z_last"].append(torch.cat([mu[:1], mu[:-1]]))  # (T,Z)
         col["a"].append(torch.from_numpy(ep["action"].astype(np.int64)))
         col["win"].append(torch.from_numpy((ep["reward"] > 0).astype(np.float32)))
-        col["death"].append((torch.arange(T) == T - 1).float() * float(dead))
+        col["death"].append((torch.arange(T) >= T - death_steps).float() * float(dead))
         col["z_next"].append(torch.cat([mu[1:], mu[-1:]]))  # (T,Z)
         col["has_next"].append((torch.arange(T) < T - 1).float())
         col["left"].append(torch.arange(T - 1, -1, -1))
@@ -103,24 +138,24 @@ def steps_of(latents, holdout=20):
 
 
 def losses(model, D, i, unroll):
-    """Mean loss of windows starting at steps i (B,), unroll steps each, fed the model's own means after the first."""
+    """Mean loss of windows starting at steps i (B,), unroll steps each, fed the model's own predictions after the
+    first (the Gaussian's mean, with its gradient; a categorical sample at tau 1, as the dream feeds it)."""
     z, z_last, total = D["z"][i], D["z_last"][i], 0.0
     for j in range(unroll):
-        mean, log_sigma, win, death = model(z, z_last, D["a"][i + j])
-        err = (D["z_next"][i + j] - mean).pow(2)  # (B,Z): the mean learns by squared error, the std by the NLL
-        nll = err + 0.5 * err.detach() / (2 * log_sigma).exp() + log_sigma  # ... around the detached mean
-        total = total + ((nll.sum(-1) * D["has_next"][i + j]).mean() + F.binary_cross_entropy_with_logits(
-            win, D["win"][i + j]) + F.binary_cross_entropy_with_logits(death, D["death"][i + j])) / unroll
-        z_last, z = z, mean
+        dist, win, death = model(z, z_last, D["a"][i + j])
+        total = total + ((model.nll(dist, D["z_next"][i + j]).sum(-1) * D["has_next"][i + j]).mean()
+                         + F.binary_cross_entropy_with_logits(win, D["win"][i + j])
+                         + F.binary_cross_entropy_with_logits(death, D["death"][i + j])) / unroll
+        z_last, z = z, model.sample(dist, 1.0).detach() if model.bins else dist[0]
     return total
 
 
 def train_grid(cfg):
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    D, T = steps_of(os.path.join(cfg.run, "latents"))
+    D, T = steps_of(os.path.join(cfg.run, "latents"), death_steps=cfg.death_steps)
     starts = np.flatnonzero(D["left"].numpy() >= cfg.unroll - 1)  # windows inside one episode
-    model = GridModel(D["z"].shape[1], cfg.width)
+    model = GridModel(D["z"].shape[1], cfg.width, cfg.bins)
     opt = torch.optim.Adam(model.parameters(), 1e-3)
     print(f"grid model: {sum(p.numel() for p in model.parameters()):,} parameters, {len(D['a'])} training steps "
           f"({int(D['death'].sum())} deaths, {int(D['win'].sum())} wins), {len(T['a'])} held out")
@@ -132,7 +167,8 @@ def train_grid(cfg):
         opt.step()
         if (step + 1) % 500 == 0 or step + 1 == cfg.steps:
             with torch.no_grad():
-                mean, _, win, death = model(T["z"], T["z_last"], T["a"])
+                dist, win, death = model(T["z"], T["z_last"], T["a"])
+                mean = model.mean(dist)
                 sq = lambda x: ((T["z_next"] - x).pow(2).sum(-1) * T["has_next"]).sum().item() / T["has_next"].sum()
                 row = dict(error=sq(mean), copy_error=sq(T["z"]), win_auc=auc(win.numpy(), T["win"].numpy()),
                            death_auc=auc(death.numpy(), T["death"].numpy()))
@@ -154,15 +190,37 @@ def grid_dream(model, mdn, policy, z0, tau=1.0, max_steps=MAX_STEPS):
         idx = alive.nonzero()[:, 0]  # (n,) the episodes still going
         zi, zli = z[idx], z_last[idx]
         a = policy(zi, h[0, idx], model.death(zi, zli, torch.full((len(idx),), UP)), idx)  # (n,)
-        mean, log_sigma, win, death = model(zi, zli, a)
+        dist, win, death = model(zi, zli, a)
         h[:, idx], c[:, idx] = mdn.advance(zi, a, (h[:, idx], c[:, idx]))
-        z_last[idx], z[idx] = zi, mean + log_sigma.exp() * math.sqrt(tau) * torch.randn_like(mean)
+        z_last[idx], z[idx] = zi, model.sample(dist, tau)
         win, death = torch.bernoulli(torch.sigmoid(win)), torch.bernoulli(torch.sigmoid(death))  # (n,) each
         ret[idx], length[idx] = ret[idx] + 10 * win, length[idx] + 1
         alive[idx] = (win == 0) & (death == 0)
         if not alive.any():
             break
     return ret, length
+
+
+@torch.no_grad()
+def write_strip(model, vae, cfg, path, n=4, steps=24, every=6):
+    """Rows of V's decoded frames: for each of n held-out levels, the real game under UP every `every` steps (NONE
+    between) above the grid model's dream at cfg.tau from the same first frame under the same actions (no heads)."""
+    import imageio.v2 as imageio
+    from evaluate import decode
+    env, rows = make_env(n, cfg.distribution_mode, seed=1_000_003), []
+    real, z = [env.observe()[1]["rgb"]], first_z(vae, n, cfg, 1_000_003)  # (n,64,64,3), (n,Z)
+    dreamt, z_last = [z], z
+    for t in range(steps):
+        a = torch.full((n,), UP if t % every == 0 else NONE)
+        env.act(np.asarray(ACTIONS)[a.numpy()])
+        real.append(env.observe()[1]["rgb"])  # CRUCIAL: a level that ended restarts; its row shows the next level
+        z_last, z = z, model.sample(model(z, z_last, a)[0], cfg.tau)
+        dreamt.append(z)
+    dream = decode(vae, torch.stack(dreamt, 1).flatten(0, 1)).reshape(n, steps + 1, 64, 64, 3)  # (n,T,64,64,3)
+    for i in range(n):
+        rows += [np.concatenate(np.stack(real, 1)[i], 1), np.concatenate(dream[i], 1)]  # (64,(T)*64,3) each
+    imageio.imwrite(path, np.concatenate(rows, 0))
+    print(f"wrote {path}: real (odd rows) and dreamt (even rows), UP every {every} steps")
 
 
 def first_z(vae, n, cfg, seed):
@@ -219,6 +277,8 @@ def main(cfg):
         won, died = (ret > 0).float().mean().item(), ((ret == 0) & (length < MAX_STEPS)).float().mean().item()
         res["constant"][name] = dict(win=won, death=died, length=length.float().mean().item())
         print(f"  always-{name:<5} wins {won:.1%}, dies {died:.1%}, mean length {length.float().mean():.0f}")
+    if cfg.strip:
+        write_strip(model, vae, cfg, cfg.strip)
     if cfg.generations:
         res["search"] = search_c(model, vae, mdn, cfg)
     return res
