@@ -978,31 +978,53 @@ def test_grid_dream_probe_learns_a_toy_frog_game(tmp_path, capsys, one_torch_thr
     assert "C generation 1: dream mean" in out and "real validation wins" in out and "held out:" in out
 
 
-def test_grid_dream_probe_categorical_dream_is_sharp_and_plays_the_toy_game(tmp_path, one_torch_thread):
-    """probe_grid_dream --bins: the categorical's loss is -log p of the bin nearest the target's change (checked
-    against torch.distributions), every dreamt change is a bin's (no average of two places), and on the toy frog game
-    the dream lets always-UP win, kills always-LEFT at once and never ends always-NONE."""
+@pytest.mark.parametrize("kind", ["bins", "codes"])
+def test_grid_dream_probe_sharp_dreams_play_the_toy_game(kind, tmp_path, one_torch_thread):
+    """probe_grid_dream --bins (a categorical over each latent's change) and --codes (a categorical over k-means codes
+    per cell, docs/probe_code_dream.py): the loss is -log p of the bin or code nearest the target (checked against
+    torch.distributions), every dreamt value is a bin's change or a code (no average of two places), and on the toy
+    frog game the dream lets always-UP win, kills always-LEFT at once and never ends always-NONE."""
     probe, rng = load_probe("probe_grid_dream"), np.random.default_rng(0)
     synthetic_frog_latents(str(tmp_path / "run" / "latents"), 200, rng)
-    cfg = probe.ProbeConfig(run=str(tmp_path / "run"), steps=400, unroll=2, width=16, bins=33, tau=0.01)
+    cfg = probe.ProbeConfig(run=str(tmp_path / "run"), steps=400, unroll=2, width=16, tau=0.01,
+                            bins=33 if kind == "bins" else 0, codes=4 if kind == "codes" else 0)
     model, row = probe.train_grid(cfg)
     assert row["win_auc"] > 0.95 and row["death_auc"] > 0.95 and row["error"] < 0.5 * row["copy_error"]
-    dist = (torch.randn(3, 64, 33), torch.randn(3, 64))  # the change's logits (N,Z,B), z (N,Z)
-    target = dist[1] + torch.rand(3, 64) * 8 - 4  # some changes outside [-3, 3]: they count as the end bins
-    nearest = ((target - dist[1]).clamp(-probe.LIMIT, probe.LIMIT)[..., None] - model.centres).abs().argmin(-1)
+    z, target = torch.randn(3, 64), torch.rand(3, 64) * 8 - 4  # (N,Z) each; some changes outside the bins' [-3, 3]
+    if kind == "bins":  # logits (N,Z,B); a change beyond the end bins counts as the end bin
+        dist, values = (torch.randn(3, 64, 33), z), model.centres
+        nearest = ((target - z).clamp(-probe.LIMIT, probe.LIMIT)[..., None] - values).abs().argmin(-1)  # (N,Z)
+    else:  # logits (N,64,K); the toy's cells are 1 latent each, its codes the frog's 3 and the background's 0
+        dist, values = (torch.randn(3, 64, 4),), model.codebook[:, 0]
+        assert sorted(set(values.tolist())) == [0.0, 3.0]
+        nearest = (target[..., None] - values).abs().argmin(-1)  # (N,64)
     want = -torch.distributions.Categorical(logits=dist[0]).log_prob(nearest)
     assert torch.allclose(model.nll(dist, target), want, atol=1e-5)
     z0 = torch.zeros(16, 8, 8)  # (N,8,8): frogs in row 7
     z0[torch.arange(16), 7, torch.arange(16) % 8] = 3
     torch.manual_seed(0)
     z = model.sample(model(z0.view(16, 64), z0.view(16, 64), torch.full((16,), collect.UP))[0], 1.0)
-    assert torch.isin(z - z0.view(16, 64), model.centres).all()  # every change is one of the bins
+    assert torch.isin(z - z0.view(16, 64) if kind == "bins" else z, values).all()  # every value a bin's or a code
     mdn = mdnrnn.MDNRNN(64, hidden=4, gaussians=1)
     ends = {a: probe.grid_dream(model, mdn, lambda z, h, up, idx: torch.full((len(idx),), a), z0.view(16, 64), 0.01, 40)
             for a in (collect.UP, collect.NONE, 0)}
     assert (ends[collect.UP][0] == 10).float().mean() >= 0.9 and ends[collect.UP][1].float().mean() < 12
-    assert (ends[0][0] == 0).all() and (ends[0][1] <= 2).float().mean() >= 0.9  # always-LEFT: dead at once
+    assert (ends[0][0] == 0).all() and ends[0][1].float().mean() < 3  # always-LEFT: dead within a few steps
     assert (ends[collect.NONE][1] == 40).float().mean() >= 0.9  # always-NONE: neither wins nor dies
+
+
+def test_code_dream_probe_pictures_quantised_frames(tmp_path, capsys):
+    """docs/probe_code_dream.py run alone: k-means codes of a spatial V's cells, the more codes the closer the
+    quantised z of held-out frames, and a picture of the first frames decoded as they are and quantised three ways."""
+    import imageio.v2 as imageio
+    probe, run = load_probe("probe_code_dream"), tmp_path / "run"
+    collect_quiet(run / "data", episodes=24, num_envs=8)  # 24: episode 19 is held out
+    vae.train(VAEConfig(data=str(run / "data"), out=str(run / "vae.pt"), z_dim=64, spatial=True, epochs=1, batch_size=64))
+    mdnrnn.encode_episodes(str(run / "data"), str(run / "vae.pt"), str(run / "latents"))
+    probe.main(probe.CodesConfig(run=str(run), out=str(tmp_path / "codes.png"), frames=3))
+    errors = [float(line.split()[-1]) for line in capsys.readouterr().out.splitlines() if " codes: " in line]
+    assert len(errors) == 4 and errors[0] == 0 and errors[1] > errors[2] > errors[3]
+    assert imageio.imread(tmp_path / "codes.png").shape == (4 * 64, 3 * 64, 3)
 
 
 def test_grid_dream_probe_refuses_a_flat_v_and_missing_latents(tiny_run, tmp_path):

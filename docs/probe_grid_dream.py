@@ -34,6 +34,7 @@ from controller import CConfig, Agent, choose, cma_generation, features, input_s
 from danger import HopHead, auc  # noqa: E402
 from evaluate import Always, play, summarize  # noqa: E402
 from mdnrnn import load_mdnrnn, read_latents  # noqa: E402
+from probe_code_dream import code_model  # noqa: E402
 from probe_dream_dynamics import ConvTransition  # noqa: E402
 from vae import load_vae, to_input  # noqa: E402
 
@@ -49,6 +50,7 @@ class ProbeConfig:
     batch: int = 64  # windows per gradient step
     width: int = 64  # channels of the transition's convs (the heads: half)
     bins: int = 0  # > 0: z's change is a categorical over this many values per latent (0: one Gaussian per latent)
+    codes: int = 0  # > 0: each cell's next value is one of this many k-means codes (docs/probe_code_dream.py)
     death_steps: int = 1  # the last this many steps of a dying episode are labelled death (the car comes first)
     tau: float = 1.0  # the dream's temperature: the Gaussian's spread * sqrt(tau), the categorical's logits / tau
     episodes: int = 256  # dreams per constant action, from held-out first frames
@@ -62,9 +64,11 @@ class ProbeConfig:
     seed: int = 0  # seeds the model's training, the dreams and CMA-ES
 
     def __post_init__(self):
-        check_flags(self, at_least=dict(steps=1, unroll=1, bins=0, death_steps=1, batch=1, width=2, episodes=1, generations=0, popsize=2,
+        check_flags(self, at_least=dict(steps=1, unroll=1, bins=0, codes=0, death_steps=1, batch=1, width=2, episodes=1, generations=0, popsize=2,
                                         dream_episodes=1, max_steps=1, check_levels=1,
                                         test_episodes=1), above=dict(tau=0))
+        if self.bins and self.codes:
+            fail(f"--bins {self.bins} and --codes {self.codes}: expected one of them (the other 0)")
 
 
 class GridModel(nn.Module):
@@ -155,7 +159,7 @@ def train_grid(cfg):
     rng = np.random.default_rng(cfg.seed)
     D, T = steps_of(os.path.join(cfg.run, "latents"), death_steps=cfg.death_steps)
     starts = np.flatnonzero(D["left"].numpy() >= cfg.unroll - 1)  # windows inside one episode
-    model = GridModel(D["z"].shape[1], cfg.width, cfg.bins)
+    model = code_model(D, cfg) if cfg.codes else GridModel(D["z"].shape[1], cfg.width, cfg.bins)
     opt = torch.optim.Adam(model.parameters(), 1e-3)
     print(f"grid model: {sum(p.numel() for p in model.parameters()):,} parameters, {len(D['a'])} training steps "
           f"({int(D['death'].sum())} deaths, {int(D['win'].sum())} wins), {len(T['a'])} held out")
