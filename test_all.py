@@ -983,7 +983,7 @@ def test_grid_dream_probe_sharp_dreams_play_the_toy_game(kind, tmp_path, one_tor
     """probe_grid_dream --bins (a categorical over each latent's change) and --codes (a categorical over k-means codes
     per cell, docs/probe_code_dream.py): the loss is -log p of the bin or code nearest the target (checked against
     torch.distributions), every dreamt value is a bin's change or a code (no average of two places), and on the toy
-    frog game the dream lets always-UP win, kills always-LEFT at once and never ends always-NONE."""
+    frog game the dream lets always-UP win, kills always-LEFT within a few steps and never ends always-NONE."""
     probe, rng = load_probe("probe_grid_dream"), np.random.default_rng(0)
     synthetic_frog_latents(str(tmp_path / "run" / "latents"), 200, rng)
     cfg = probe.ProbeConfig(run=str(tmp_path / "run"), steps=400, unroll=2, width=16, tau=0.01,

@@ -73,7 +73,7 @@ class CodeModel(nn.Module):
     def __init__(self, codebook, width=64):
         super().__init__()
         k, c = codebook.shape
-        self.bins = k  # non-zero: probe_grid_dream.losses feeds the unroll the model's samples
+        self.gaussian = False  # probe_grid_dream.losses feeds the unroll the model's samples, not its mean
         self.register_buffer("codebook", codebook)  # (K,c)
         self.move = ConvTransition(c, width, out=k)
         self.win, self.death = HopHead(64 * c, width=width // 2), HopHead(64 * c, width=width // 2)
@@ -87,7 +87,8 @@ class CodeModel(nn.Module):
 
     def nll(self, dist, target):
         """-log p(the target's codes), (N,64)."""
-        return F.cross_entropy(dist[0].transpose(1, 2), nearest(target, self.codebook), reduction="none")  # (N,K,64), (N,64)
+        logits, k = dist[0].transpose(1, 2), nearest(target, self.codebook)  # (N,K,64), (N,64)
+        return F.cross_entropy(logits, k, reduction="none")
 
     def mean(self, dist):
         """The expected next z (N,Z)."""

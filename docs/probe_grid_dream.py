@@ -64,8 +64,8 @@ class ProbeConfig:
     seed: int = 0  # seeds the model's training, the dreams and CMA-ES
 
     def __post_init__(self):
-        check_flags(self, at_least=dict(steps=1, unroll=1, bins=0, codes=0, death_steps=1, batch=1, width=2, episodes=1, generations=0, popsize=2,
-                                        dream_episodes=1, max_steps=1, check_levels=1,
+        check_flags(self, at_least=dict(steps=1, unroll=1, bins=0, codes=0, death_steps=1, batch=1, width=2, episodes=1,
+                                        generations=0, popsize=2, dream_episodes=1, max_steps=1, check_levels=1,
                                         test_episodes=1), above=dict(tau=0))
         if self.bins and self.codes:
             fail(f"--bins {self.bins} and --codes {self.codes}: expected one of them (the other 0)")
@@ -78,7 +78,7 @@ class GridModel(nn.Module):
 
     def __init__(self, z_dim, width=64, bins=0):
         super().__init__()
-        c, self.bins = z_dim // 64, bins
+        c, self.bins, self.gaussian = z_dim // 64, bins, not bins
         self.move = ConvTransition(c, width, out=c * bins)
         self.win, self.death = HopHead(z_dim, width=width // 2), HopHead(z_dim, width=width // 2)
         self.log_sigma = nn.Parameter(torch.zeros(z_dim))  # (Z,) the Gaussian's; unused with bins
@@ -150,7 +150,7 @@ def losses(model, D, i, unroll):
         total = total + ((model.nll(dist, D["z_next"][i + j]).sum(-1) * D["has_next"][i + j]).mean()
                          + F.binary_cross_entropy_with_logits(win, D["win"][i + j])
                          + F.binary_cross_entropy_with_logits(death, D["death"][i + j])) / unroll
-        z_last, z = z, model.sample(dist, 1.0).detach() if model.bins else dist[0]
+        z_last, z = z, dist[0] if model.gaussian else model.sample(dist, 1.0).detach()
     return total
 
 
