@@ -99,9 +99,14 @@ class CodeModel(nn.Module):
         return z_of(self.codebook[torch.distributions.Categorical(logits=dist[0] / tau).sample()])  # (N,64,c)
 
 
+def fit_codebook(z, k, seed=0):
+    """K codes (k,c) for the cells of V's z (N,Z)."""
+    return kmeans(cells_of(z).reshape(-1, z.shape[1] // 64), k, seed=seed)  # (N,64,c) -> (N*64,c)
+
+
 def code_model(D, cfg):
     """A CodeModel with cfg.codes codes fitted on the training steps' z (D["z"], (N,Z))."""
-    codebook = kmeans(cells_of(D["z"]).reshape(-1, D["z"].shape[1] // 64), cfg.codes, seed=cfg.seed)
+    codebook = fit_codebook(D["z"], cfg.codes, cfg.seed)
     z = D["z"][:4096]  # (4096,Z)
     print(f"codebook: {cfg.codes} codes of {codebook.shape[1]} latents; quantising costs a training frame's z "
           f"{(quantise(z, codebook) - z).pow(2).sum(-1).mean():.2f} of squared error")
@@ -124,7 +129,7 @@ def main(cfg):
     vae, (D, T) = load_vae(os.path.join(cfg.run, "vae.pt")), steps_of(os.path.join(cfg.run, "latents"))
     z0, rows = first_z(vae, cfg.frames, ProbeConfig(run=cfg.run), 1_000_003), []  # (F,Z)
     for k in (0, 64, 256, 1024):
-        codebook = kmeans(cells_of(D["z"]).reshape(-1, D["z"].shape[1] // 64), k, seed=cfg.seed) if k else None
+        codebook = fit_codebook(D["z"], k, cfg.seed) if k else None
         q = (lambda z: quantise(z, codebook)) if k else (lambda z: z)
         err = (q(T["z"]) - T["z"]).pow(2).sum(-1).mean().item()
         print(f"{k or 'no'} codes: held-out frames' squared error of z {err:.4g}")

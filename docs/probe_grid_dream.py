@@ -221,8 +221,9 @@ def write_strip(model, vae, cfg, path, n=4, steps=24, every=6):
         z_last, z = z, model.sample(model(z, z_last, a)[0], cfg.tau)
         dreamt.append(z)
     dream = decode(vae, torch.stack(dreamt, 1).flatten(0, 1)).reshape(n, steps + 1, 64, 64, 3)  # (n,T,64,64,3)
+    real = np.stack(real, 1)  # (n,T,64,64,3)
     for i in range(n):
-        rows += [np.concatenate(np.stack(real, 1)[i], 1), np.concatenate(dream[i], 1)]  # (64,(T)*64,3) each
+        rows += [np.concatenate(real[i], 1), np.concatenate(dream[i], 1)]  # (64,T*64,3) each
     imageio.imwrite(path, np.concatenate(rows, 0))
     print(f"wrote {path}: real (odd rows) and dreamt (even rows), UP every {every} steps")
 
