@@ -951,6 +951,7 @@ def test_grid_dream_probe_learns_a_toy_frog_game(tmp_path, capsys, one_torch_thr
     """docs/probe_grid_dream.py: on a toy frog game, the grid model (trained unrolled) tells wins and deaths apart on
     held-out steps, and its dream at a low temperature lets always-UP win, kills always-LEFT and never ends
     always-NONE; main then runs end to end (C searched in the dream, real checks) on a spatial V."""
+    import imageio.v2 as imageio
     probe, rng = load_probe("probe_grid_dream"), np.random.default_rng(0)
     run = tmp_path / "run"
     synthetic_frog_latents(str(run / "latents"), 200, rng)
@@ -972,10 +973,15 @@ def test_grid_dream_probe_learns_a_toy_frog_game(tmp_path, capsys, one_torch_thr
     vae.train(VAEConfig(data=str(run / "data"), out=str(run / "vae.pt"), z_dim=64, spatial=True, epochs=1, batch_size=64))
     mdnrnn.train(MDNConfig(data=str(run / "data"), vae=str(run / "vae.pt"), out=str(run / "mdnrnn.pt"),
                            latents=str(tmp_path / "real_latents"), hidden=8, gaussians=1, epochs=1, hop_steps=0))
-    res = probe.main(dataclasses.replace(cfg, steps=20))
+    res = probe.main(dataclasses.replace(cfg, steps=20, strip=str(tmp_path / "s.png")))
     assert set(res["constant"]) == set(collect.ACTION_NAMES) and res["search"]["episodes"] == 4
+    assert imageio.imread(tmp_path / "s.png").shape == (8 * 64, 25 * 64, 3)  # 4 levels: real above dreamt
     out = capsys.readouterr().out
     assert "C generation 1: dream mean" in out and "real validation wins" in out and "held out:" in out
+    bench = load_probe("dream_bench")  # run alone: the same table for M's own dream
+    table = bench.main(bench.BenchConfig(run=str(run), episodes=4, tau=0.5))
+    assert set(table) == set(collect.ACTION_NAMES)
+    assert all(r["win"] + r["death"] <= 1 and 1 <= r["length"] <= collect.MAX_STEPS for r in table.values())
 
 
 @pytest.mark.parametrize("kind", ["bins", "codes"])
@@ -1025,6 +1031,83 @@ def test_code_dream_probe_pictures_quantised_frames(tmp_path, capsys):
     errors = [float(line.split()[-1]) for line in capsys.readouterr().out.splitlines() if " codes: " in line]
     assert len(errors) == 4 and errors[0] == 0 and errors[1] > errors[2] > errors[3]
     assert imageio.imread(tmp_path / "codes.png").shape == (4 * 64, 3 * 64, 3)
+
+
+def synthetic_frog_frames(run, episodes, rng):
+    """A toy frog game in frames and in V's grid: a 2x2 frog-green frog centred at (y, x) = (11.5 + 4 k, 3.5 + 8 col);
+    UP moves it 4 pixels up and wins on reaching y 7.5 (V's top row of cells), LEFT kills it, every other move does
+    nothing. data/ holds the frames (collect.py's format), latents/ a grid z, nonzero at the frog's cell (mdnrnn.py's)."""
+    for d in ("data", "latents"):
+        os.makedirs(os.path.join(run, d), exist_ok=True)
+    for i in range(episodes):
+        y, col, obs, mu, actions, reward = 11.5 + 4 * rng.integers(0, 13), rng.integers(8), [], [], [], []
+        for t in range(24):
+            frame, grid = np.zeros((64, 64, 3), np.uint8), np.zeros((8, 8), np.float16)
+            frame[int(y):int(y) + 2, 8 * col + 3:8 * col + 5] = (160, 220, 40)  # rows y-0.5, y+0.5
+            grid[int(y) // 8, col] = 2 + (y % 8) / 3.5  # 3 or 4.1: the frog's place in its cell is in z too
+            obs.append(frame), mu.append(grid.ravel())
+            actions.append(rng.choice(5, p=[0.1, 0.1, 0.2, 0.5, 0.1]))
+            y -= 4 * (actions[-1] == collect.UP)
+            reward.append(10.0 * (y < 8))
+            if y < 8 or actions[-1] == 0:  # a win, or LEFT: the end
+                break
+        done = np.zeros(len(mu), bool)
+        done[-1] = y < 8 or actions[-1] == 0  # the 24-step ones were cut, not ended
+        ep = dict(action=np.array(actions, np.int8), reward=np.array(reward, np.float32), done=done)
+        np.savez(os.path.join(run, "data", f"episode_{i:06d}.npz"), obs=np.stack(obs), **ep)
+        np.savez(os.path.join(run, "latents", f"episode_{i:06d}.npz"), mu=np.stack(mu), **ep)
+
+
+def test_frog_dream_probe_moves_one_frog_and_plays_the_toy_game(tmp_path, capsys, one_torch_thread):
+    """docs/probe_frog_dream.py: the frog's centre found by its colour; on a toy frog game the locator finds the
+    frog in V's z, the frog model predicts its moves, wins and deaths on held-out steps, every dreamt frog moves by a
+    whole class of -4..4 pixels and stays on the screen, and the dream at a low temperature lets always-UP win, kills
+    always-LEFT and never ends always-NONE; main then runs end to end on a spatial V (C searched in the dream)."""
+    import imageio.v2 as imageio
+    probe, rng, run = load_probe("probe_frog_dream"), np.random.default_rng(0), tmp_path / "run"
+    frame = np.zeros((2, 64, 64, 3), np.uint8)
+    frame[0, 10:13, 20:22] = (150, 200, 60)  # frog green: a 3x2 frog centred at (11, 20.5); frame 1 has none
+    frame[0, 40, 40] = (255, 204, 0)  # a yellow car pixel is not the frog
+    assert probe.frog_of(frame).tolist() == [[11.0, 20.5], [11.0, 20.5]]
+    synthetic_frog_frames(str(run), 300, rng)
+    cfg = probe.ProbeConfig(run=str(run), steps=600, unroll=2, width=16, death_steps=1, tau=0.01, episodes=8,
+                            generations=1, popsize=4, dream_episodes=2, max_steps=20, check_levels=2, test_episodes=4)
+    model, row = probe.train_frog(cfg)
+    assert row["locator_px"] < 1.0 and row["move_acc"] > 0.9 > row["stay_acc"]
+    assert row["win_auc"] > 0.95 and row["death_auc"] > 0.95
+    pos = torch.tensor([[0.0, 63.0], [30.5, 31.5]]).repeat(50, 1)  # (100,2), two at the screen's corner
+    moved = model.step(pos, torch.zeros(100, probe.K ** 2))  # uniform over the moves
+    assert ((moved - pos).abs() <= probe.MOVE).all() and ((moved >= 0) & (moved <= 63)).all()
+    assert torch.equal(moved[1::2] - pos[1::2], (moved[1::2] - pos[1::2]).round())  # whole pixels, no average
+    mdn = mdnrnn.MDNRNN(64, hidden=4, gaussians=1)
+    z0 = torch.zeros(16, 8, 8)  # (N,8,8): frogs in row 7, one per column
+    z0[torch.arange(16), 7, torch.arange(16) % 8] = 3  # at y 59.5
+    torch.manual_seed(0)
+    ends = {a: probe.frog_dream(model, mdn, lambda z, h, up, idx: torch.full((len(idx),), a), z0.view(16, 64), 0.01, 40)
+            for a in (collect.UP, collect.NONE, 0)}
+    assert (ends[collect.UP][0] == 10).float().mean() >= 0.9 and ends[collect.UP][1].float().mean() < 20
+    assert (ends[0][0] == 0).all() and ends[0][1].float().mean() < 3  # always-LEFT: dead within a few steps
+    assert (ends[collect.NONE][1] == 40).float().mean() >= 0.9  # always-NONE: neither wins nor dies
+    assert "frog step 600" in capsys.readouterr().out
+    real = tmp_path / "real"  # a spatial V of z_dim 64 and an M on it, on real episodes: main's whole path
+    collect_quiet(real / "data", episodes=24, num_envs=8)
+    vae.train(VAEConfig(data=str(real / "data"), out=str(real / "vae.pt"), z_dim=64, spatial=True, epochs=1,
+                        batch_size=64))
+    mdnrnn.train(MDNConfig(data=str(real / "data"), vae=str(real / "vae.pt"), out=str(real / "mdnrnn.pt"),
+                           latents=str(real / "latents"), hidden=8, gaussians=1, epochs=1, hop_steps=0))
+    res = probe.main(dataclasses.replace(cfg, run=str(real), steps=20, hop_steps=512, strip=str(tmp_path / "s.png")))
+    assert set(res["constant"]) == set(collect.ACTION_NAMES) and res["search"]["episodes"] == 4
+    strip = imageio.imread(tmp_path / "s.png")  # 4 levels: the real game above the dream, 25 frames each
+    assert strip.shape == (8 * 64, 25 * 64, 3) and (strip[64:128] == (255, 0, 255)).all(-1).sum() >= 25 * 9
+    assert 0 <= res["hop_auc"] <= 1 or math.isnan(res["hop_auc"])  # nan: no UP of the short play ended both ways
+    out = capsys.readouterr().out
+    assert "C generation 1: dream mean" in out and "real validation wins" in out and "held out:" in out
+    assert "hop-then-wait UPs of new levels" in out
+    shutil.rmtree(real / "latents")  # data/ and latents/ that disagree: one error line
+    mdnrnn.encode_episodes(str(run / "data"), str(real / "vae.pt"), str(real / "latents"))
+    with pytest.raises(SystemExit) as e:
+        probe.train_frog(dataclasses.replace(cfg, run=str(real)))
+    assert str(e.value).startswith(f"error: {real}: data/ and latents/ hold different episodes")
 
 
 def test_grid_dream_probe_refuses_a_flat_v_and_missing_latents(tiny_run, tmp_path):

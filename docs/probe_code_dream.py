@@ -124,7 +124,8 @@ class CodesConfig:
 def main(cfg):
     import imageio.v2 as imageio
     from evaluate import decode
-    from probe_grid_dream import ProbeConfig, first_z, steps_of
+    from dream_bench import first_z
+    from probe_grid_dream import ProbeConfig, steps_of
     from vae import load_vae
     vae, (D, T) = load_vae(os.path.join(cfg.run, "vae.pt")), steps_of(os.path.join(cfg.run, "latents"))
     z0, rows = first_z(vae, cfg.frames, ProbeConfig(run=cfg.run), 1_000_003), []  # (F,Z)

@@ -1,24 +1,20 @@
 """Probe: a dream on V's 8x8 grid. Can C learn inside a world model whose transition is convolutional?
 
-M (an LSTM on the flattened z) does not move the frog in its dream (docs/probe_dream_dynamics.py); a conv net on V's
-grid does, for a few steps. Here that conv transition (probe_dream_dynamics.ConvTransition: z_{t+1} = z_t + convs of
-z_t, z_{t-1} and the action) gets what a dream also needs: a variance per latent (sampling at temperature tau, as
-Ha's), and a win head and a death head (danger.HopHead's shape: two 3x3 convs on the same inputs), all trained on
-the run's encoded random episodes (mdnrnn.py's latents/, M's held-out episodes left out). With --unroll K the
-transition is fed its own predictions for K steps in training and the heads read those predictions too (PlaNet's
-"overshooting"): a dream runs on predictions, not on V's z. Printed: the held-out one-step error beside copying z,
-the heads' AUC on held-out steps, then dreams from held-out first frames under constant actions (a dream fit to
-learn in lets always-UP win more than always-NONE, which never wins in the game), and with --generations N, C
-(controller.py's, on [z, h, the death head's logit of UP]) searched by CMA-ES in this dream from zero, its CMA
-mean checked every 5 generations on --check-levels real validation levels, and at the end on --test-episodes
-held-out levels beside always-UP.
+M (an LSTM on the flat z) does not move the frog in its dream (docs/probe_dream_dynamics.py); a conv net on V's grid
+does, for a few steps. Here that conv transition (probe_dream_dynamics.ConvTransition) gets what a dream also needs:
+a spread per latent (sampled at temperature tau, as Ha's), and win and death heads (danger.HopHead's shape), trained
+on the run's encoded random episodes (latents/, M's held-out episodes left out); with --unroll K the model is fed its
+own predictions K steps in training (PlaNet's "overshooting"): a dream runs on predictions, not on V's z. Printed:
+the held-out one-step error beside copying z, the heads' AUCs, dreams from held-out first frames under constant
+actions (a dream fit to learn in lets always-UP win more than always-NONE, which never wins in the game), and with
+--generations N, C (on [z, h, the death logit of UP]) searched by CMA-ES in the dream from zero, its mean checked
+on real validation levels every 5 generations and at the end on held-out levels beside always-UP.
 
     python docs/probe_grid_dream.py --run runs --unroll 6 --generations 30
 """
 import math
 import os
 import sys
-import time
 from dataclasses import dataclass
 from typing import Literal
 
@@ -29,14 +25,14 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo's modules
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # and the probe beside it (also when imported)
-from collect import ACTIONS, ACTION_NAMES, MAX_STEPS, NONE, UP, check_flags, cli, fail, make_env  # noqa: E402
-from controller import CConfig, Agent, choose, cma_generation, features, input_sizes, level_draw, make_search  # noqa
+from collect import MAX_STEPS, UP, check_flags, cli, fail  # noqa: E402
 from danger import HopHead, auc  # noqa: E402
-from evaluate import Always, play, summarize  # noqa: E402
+from dream_bench import constant_table, fit, search_c, write_strip  # noqa: E402
+from evaluate import decode  # noqa: E402
 from mdnrnn import load_mdnrnn, read_latents  # noqa: E402
 from probe_code_dream import code_model  # noqa: E402
 from probe_dream_dynamics import ConvTransition  # noqa: E402
-from vae import load_vae, to_input  # noqa: E402
+from vae import load_vae  # noqa: E402
 
 LIMIT = 3.0  # the categorical's bins span [-LIMIT, LIMIT] of z's change per step: 99.99% of V's mu change by < 2.2
 
@@ -72,9 +68,8 @@ class ProbeConfig:
 
 
 class GridModel(nn.Module):
-    """A world model on V's grid: the next z (one Gaussian per latent: the conv transition's mean and a learnt std;
-    or, with bins, z plus a categorical over bins changes per latent, so that a sample is a sharp frame and not an
-    average of the places the frog may be), and the logits of "this step wins" and "this step kills the frog"."""
+    """A world model on V's grid: the next z (per latent one Gaussian, the conv transition's mean and a learnt std, or
+    with bins a categorical over changes: a sharp sample, not an average of places), the win and death logits."""
 
     def __init__(self, z_dim, width=64, bins=0):
         super().__init__()
@@ -118,9 +113,8 @@ class GridModel(nn.Module):
 
 
 def steps_of(latents, holdout=20, death_steps=1):
-    """Every step t of the encoded episodes as flat tensors, training and held-out (M's split: episodes holdout-1,
-    2 holdout-1, ...): z_t, z_{t-1} (z_0 at t = 0), a_t, win_t, death_t (as mdnrnn.load_sequences labels them), z_{t+1}
-    (z_t at the last step, where has_next is 0) and left (steps after t in its episode)."""
+    """Every step t of the encoded episodes, training and held out (M's split): z_t, z_{t-1} (z_0 at t = 0), a_t,
+    win_t, death_t (mdnrnn.load_sequences's labels), z_{t+1} (z_t at the end: has_next 0), left (steps after t)."""
     names = sorted(f for f in os.listdir(latents) if f.endswith(".npz")) if os.path.isdir(latents) else []
     if len(names) < holdout:
         fail(f"{latents}: expected at least {holdout} episodes encoded by mdnrnn.py (.npz files), found {len(names)}")
@@ -154,32 +148,21 @@ def losses(model, D, i, unroll):
     return total
 
 
+def grid_held_out(model, T):
+    """The one-step error of the expected next z beside copying z, and the heads' AUCs, on the held-out steps."""
+    dist, win, death = model(T["z"], T["z_last"], T["a"])
+    sq = lambda x: ((T["z_next"] - x).pow(2).sum(-1) * T["has_next"]).sum().item() / T["has_next"].sum().item()
+    row = dict(error=sq(model.mean(dist)), copy_error=sq(T["z"]), win_auc=auc(win.numpy(), T["win"].numpy()),
+               death_auc=auc(death.numpy(), T["death"].numpy()))
+    return row, (f"one-step error {row['error']:.2f} (copying z: {row['copy_error']:.2f}), win AUC "
+                 f"{row['win_auc']:.3f}, death AUC {row['death_auc']:.3f}")
+
+
 def train_grid(cfg):
     torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
     D, T = steps_of(os.path.join(cfg.run, "latents"), death_steps=cfg.death_steps)
-    starts = np.flatnonzero(D["left"].numpy() >= cfg.unroll - 1)  # windows inside one episode
     model = code_model(D, cfg) if cfg.codes else GridModel(D["z"].shape[1], cfg.width, cfg.bins)
-    opt = torch.optim.Adam(model.parameters(), 1e-3)
-    print(f"grid model: {sum(p.numel() for p in model.parameters()):,} parameters, {len(D['a'])} training steps "
-          f"({int(D['death'].sum())} deaths, {int(D['win'].sum())} wins), {len(T['a'])} held out")
-    t0 = time.time()
-    for step in range(cfg.steps):
-        loss = losses(model, D, torch.from_numpy(starts[rng.integers(0, len(starts), cfg.batch)]), cfg.unroll)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if (step + 1) % 500 == 0 or step + 1 == cfg.steps:
-            with torch.no_grad():
-                dist, win, death = model(T["z"], T["z_last"], T["a"])
-                mean = model.mean(dist)
-                sq = lambda x: ((T["z_next"] - x).pow(2).sum(-1) * T["has_next"]).sum().item() / T["has_next"].sum()
-                row = dict(error=sq(mean), copy_error=sq(T["z"]), win_auc=auc(win.numpy(), T["win"].numpy()),
-                           death_auc=auc(death.numpy(), T["death"].numpy()))
-            print(f"grid step {step + 1}: loss {loss.item():.1f}, held out: one-step error {row['error']:.2f} (copying "
-                  f"z: {row['copy_error']:.2f}), win AUC {row['win_auc']:.3f}, death AUC {row['death_auc']:.3f}, "
-                  f"{(step + 1) / (time.time() - t0):.1f} steps/s", flush=True)
-    return model.eval(), row
+    return fit(model, D, T, cfg, losses, grid_held_out, "grid")
 
 
 @torch.no_grad()
@@ -205,67 +188,15 @@ def grid_dream(model, mdn, policy, z0, tau=1.0, max_steps=MAX_STEPS):
     return ret, length
 
 
-@torch.no_grad()
-def write_strip(model, vae, cfg, path, n=4, steps=24, every=6):
-    """Rows of V's decoded frames: for each of n held-out levels, the real game under UP every `every` steps (NONE
-    between) above the grid model's dream at cfg.tau from the same first frame under the same actions (no heads)."""
-    import imageio.v2 as imageio
-    from evaluate import decode
-    env, rows = make_env(n, cfg.distribution_mode, seed=1_000_003), []
-    real, z = [env.observe()[1]["rgb"]], first_z(vae, n, cfg, 1_000_003)  # (n,64,64,3), (n,Z)
-    dreamt, z_last = [z], z
-    for t in range(steps):
-        a = torch.full((n,), UP if t % every == 0 else NONE)
-        env.act(np.asarray(ACTIONS)[a.numpy()])
-        real.append(env.observe()[1]["rgb"])  # CRUCIAL: a level that ended restarts; its row shows the next level
-        z_last, z = z, model.sample(model(z, z_last, a)[0], cfg.tau)
-        dreamt.append(z)
-    dream = decode(vae, torch.stack(dreamt, 1).flatten(0, 1)).reshape(n, steps + 1, 64, 64, 3)  # (n,T,64,64,3)
-    real = np.stack(real, 1)  # (n,T,64,64,3)
-    for i in range(n):
-        rows += [np.concatenate(real[i], 1), np.concatenate(dream[i], 1)]  # (64,T*64,3) each
-    imageio.imwrite(path, np.concatenate(rows, 0))
-    print(f"wrote {path}: real (odd rows) and dreamt (even rows), UP every {every} steps")
-
-
-def first_z(vae, n, cfg, seed):
-    """V's mu (n,Z) of the first frames of n levels of seed's stream."""
-    return vae.encode(to_input(make_env(n, cfg.distribution_mode, seed=int(seed)).observe()[1]["rgb"]))[0]
-
-
-def search_c(model, vae, mdn, cfg):
-    """C on [z, h, the death head's logit of UP], CMA-ES from zero (no prior) with fitness from the dream only; the
-    CMA mean plays cfg.check_levels real validation levels every 5 generations (logged, never used by the search)."""
-    ccfg = CConfig(inputs="zhm", popsize=cfg.popsize, danger_prior=0.0, seed=cfg.seed)
-    es, env_steps = make_search(ccfg, input_sizes("zhm", vae.z_dim, mdn.hidden)), 0
-    mdn.hop = model.death  # controller.Agent reads M's hop head for input m: in the game it is the death head too
-    agent = lambda w: Agent(vae, mdn, torch.as_tensor(w, dtype=torch.float32).view(len(ACTIONS), -1), "zhm",
-                            distribution_mode=cfg.distribution_mode)
-
-    def dream_score(X, gen, episodes):
-        z0 = first_z(vae, episodes, cfg, level_draw(cfg.seed, gen, 1)[0])  # (E,Z)
-        W = torch.as_tensor(X, dtype=torch.float32).view(len(X), len(ACTIONS), -1).repeat_interleave(len(z0), 0)
-        ret, length = grid_dream(model, mdn, lambda z, h, up, idx: choose(W[idx], features(z, h, "zhm", up)),
-                                 z0.repeat(len(X), 1), cfg.tau, cfg.max_steps)  # dream p*E+e: candidate p's, start e
-        return ret.view(len(X), -1).mean(1).numpy(), int(length.sum())
-
-    for gen in range(cfg.generations):
-        t0 = time.time()
-        X, fit, steps = cma_generation(es, lambda X: dream_score(X, gen, cfg.dream_episodes))
-        line = (f"C generation {gen + 1}: dream mean {fit.mean():.2f} best {fit.max():.2f}, "
-                f"{steps / (time.time() - t0):,.0f} dream steps/s")
-        if (gen + 1) % 5 == 0 or gen + 1 == cfg.generations:
-            ret, length = play(agent(es.mean), cfg.check_levels, 10**9 + 7, cfg.distribution_mode, desc="real check")
-            env_steps += int(length.sum())
-            line += (f"; CMA mean: dream {dream_score(es.mean[None], gen, 256)[0][0]:.2f}, real validation wins "
-                     f"{(ret > 0).mean():.1%} (real env steps so far {env_steps:,})")
-        print(line, flush=True)
-    ret, length = play(agent(es.mean), cfg.test_episodes, 1_000_003, cfg.distribution_mode, desc="held-out")
-    ups, _ = play(Always(UP), cfg.test_episodes, 1_000_003, cfg.distribution_mode, desc="always-UP")
-    s = summarize(ret, length)
-    print(f"C searched in the dream, held out: {s['win_rate']:.1%} {[round(x, 3) for x in s['ci95']]} of "
-          f"{cfg.test_episodes} levels, mean length {s['mean_length']:.0f} (always-UP {(ups > 0).mean():.1%})")
-    return dict(s, always_up=float((ups > 0).mean()), env_steps=env_steps)
+def grid_frames(model, vae, tau):
+    """write_strip's dream_frames for the grid model: V's decoding of its dream at tau (no heads)."""
+    def frames(z0, actions):
+        z, z_last, dreamt = z0, z0, [z0]
+        for a in actions:
+            z_last, z = z, model.sample(model(z, z_last, a)[0], tau)
+            dreamt.append(z)
+        return decode(vae, torch.stack(dreamt, 1).flatten(0, 1)).reshape(len(z0), -1, 64, 64, 3)  # (n,T,64,64,3)
+    return frames
 
 
 def main(cfg):
@@ -273,19 +204,11 @@ def main(cfg):
     if not vae.spatial:
         fail(f"{cfg.run}/vae.pt has a flat z; the grid model reads V's 8x8 grid (--spatial)")
     model, res = train_grid(cfg)
-    torch.manual_seed(cfg.seed)
-    z0 = first_z(vae, cfg.episodes, cfg, 1_000_003)  # held-out levels' first frames
-    print(f"{cfg.episodes} dreams per constant action at tau {cfg.tau}, from held-out first frames:")
-    res["constant"] = {}
-    for a, name in enumerate(ACTION_NAMES):
-        ret, length = grid_dream(model, mdn, lambda z, h, up, idx: torch.full((len(idx),), a), z0, cfg.tau)
-        won, died = (ret > 0).float().mean().item(), ((ret == 0) & (length < MAX_STEPS)).float().mean().item()
-        res["constant"][name] = dict(win=won, death=died, length=length.float().mean().item())
-        print(f"  always-{name:<5} wins {won:.1%}, dies {died:.1%}, mean length {length.float().mean():.0f}")
+    res["constant"] = constant_table(grid_dream, model, mdn, vae, cfg)
     if cfg.strip:
-        write_strip(model, vae, cfg, cfg.strip)
+        write_strip(vae, cfg, cfg.strip, grid_frames(model, vae, cfg.tau))
     if cfg.generations:
-        res["search"] = search_c(model, vae, mdn, cfg)
+        res["search"] = search_c(model, vae, mdn, cfg, grid_dream)
     return res
 
 

@@ -1,0 +1,270 @@
+"""Probe: the frog as an object of the dream. Does a world model that carries the frog's place as a variable of its
+own dream a game where UP matters, and does C learn in it?
+
+On V's grid alone the dreamt frog blurs (a Gaussian per latent), smears or splits (a categorical per latent or per
+cell), and in every such dream NONE wins more than UP (docs/experiments.md, sixteenth round). Here the dream's state
+is V's z (the level, dreamt by probe_grid_dream's Gaussian conv transition) plus the frog's centre (y, x) in pixels.
+The frog model (two 3x3 convs on V's grid, each cell also told the frog's offset from its centre, the frog's last
+move and the action) gives the frog's next move as one of 9 x 9 moves of -4..4 pixels, so that a dream has one sharp
+frog, and the logits of "this step wins" and "this step kills the frog". Where the frog is comes from V: a locator
+head on V's z (which 8x8 cell holds the frog, and where in it), taught by the frog's colour in the recorded frames
+(the probe's cheat, docs/probe_frog.py's: only the labels use it; the dream and the agent read V's z only).
+
+Printed: the locator's held-out error, the frog model's held-out move accuracy and AUCs, dreams under constant
+actions (in the game NONE never wins and UP wins about a third), and with --generations N, C (on [z, h, the death
+logit of UP]) searched by CMA-ES in this dream and taken to the real game (dream_bench.search_c).
+
+    python docs/probe_frog_dream.py --run runs --generations 30
+"""
+import os
+import sys
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo's modules
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # and the probes beside it
+from collect import MAX_STEPS, UP, check_flags, cli, fail  # noqa: E402
+from danger import auc, hop_auc, hop_envs, hop_latents  # noqa: E402
+from evaluate import decode  # noqa: E402
+from mdnrnn import load_mdnrnn  # noqa: E402
+from probe_frog import FROG_HI, FROG_LO  # noqa: E402
+from dream_bench import constant_table, fit, search_c, write_strip  # noqa: E402
+from probe_grid_dream import GridModel, steps_of  # noqa: E402
+from vae import load_vae  # noqa: E402
+
+MOVE = 4  # the frog's centre moves at most this many pixels a step along each axis (measured: a hop is ~7 pixels
+# over ~5 frames; 300 random episodes' largest step was 4.1 pixels)
+K = 2 * MOVE + 1  # moves per axis: the frog model's K*K classes
+CENTRES = torch.stack(torch.meshgrid(torch.arange(8) * 8 + 3.5, torch.arange(8) * 8 + 3.5, indexing="ij"), -1
+                      ).view(64, 2)  # (64,2) the (y, x) centre of each of V's 8x8-pixel cells, in V's cell order
+
+
+@dataclass
+class ProbeConfig:
+    run: str = "runs"  # directory holding data/ (the frames), vae.pt, mdnrnn.pt (C's h) and latents/
+    distribution_mode: Literal["easy", "hard"] = "easy"  # procgen difficulty (the run's)
+    steps: int = 3000  # gradient steps of the level's transition, the frog model and the locator
+    unroll: int = 6  # training windows: both models fed their own predictions this many steps (1: one-step)
+    batch: int = 64  # windows per gradient step
+    width: int = 64  # channels of the convs
+    death_steps: int = 2  # the last this many steps of a dying episode are labelled death (the car comes first)
+    tau: float = 1.0  # the dream's temperature: the level's Gaussian spread * sqrt(tau), the frog's logits / tau
+    hop_steps: int = 0  # > 0: env steps of hop-then-wait play on new levels; the death logit's AUC on its UPs (M's too)
+    episodes: int = 256  # dreams per constant action, from held-out first frames
+    generations: int = 0  # CMA-ES generations of C in the dream (0: no search)
+    popsize: int = 32  # candidates per generation
+    dream_episodes: int = 64  # dreams per candidate per generation, from new levels' first frames
+    max_steps: int = 250  # a dream episode's cap in the search (the game's: 500)
+    check_levels: int = 64  # real validation levels the CMA mean plays every 5 generations
+    test_episodes: int = 1000  # held-out levels the searched C plays at the end (evaluate.py's stream)
+    strip: str = ""  # a PNG to write: 4 dreams (V's picture, the dreamt frog in magenta) beside the real game's frames
+    seed: int = 0  # seeds the models' training, the dreams and CMA-ES
+
+    def __post_init__(self):
+        check_flags(self, at_least=dict(steps=1, unroll=1, batch=1, width=2, death_steps=1, hop_steps=0, episodes=1,
+                                        generations=0,
+                                        popsize=2, dream_episodes=1, max_steps=1, check_levels=1, test_episodes=1),
+                    above=dict(tau=0))
+
+
+def frog_of(obs):
+    """Frames (T,64,64,3) uint8 -> the frog's centre (T,2), (y, x) in pixels, found by its colour; a frame without
+    a frog-green pixel keeps the last frame's centre (the first frame's: the middle)."""
+    rgb = obs.astype(np.int16)  # FROG_LO holds -1 and FROG_HI 256: compare outside uint8
+    m = ((rgb > FROG_LO) & (rgb < FROG_HI)).all(-1)  # (T,64,64)
+    n, ramp = m.sum((1, 2)), np.arange(64)
+    pos = np.stack([m.sum(2) @ ramp, m.sum(1) @ ramp], 1) / np.maximum(n, 1)[:, None]  # (T,2)
+    for t in np.flatnonzero(n == 0):
+        pos[t] = pos[t - 1] if t else 31.5
+    return pos.astype(np.float32)
+
+
+def frog_steps(run, holdout=20):
+    """The frog's centre at every step of the run's episodes, in steps_of's order and split (training, held out):
+    pos (at t), pos_last (t-1; t at t = 0), pos_next (t+1; t at the last step)."""
+    from collect import list_episodes, load_episode
+    paths = list_episodes(os.path.join(run, "data"))
+    cols = [{k: [] for k in ("pos", "pos_last", "pos_next")} for _ in range(2)]
+    for i, path in enumerate(paths):
+        pos, col = torch.from_numpy(frog_of(load_episode(path)["obs"])), cols[i % holdout == holdout - 1]  # (T,2)
+        col["pos"].append(pos)
+        col["pos_last"].append(torch.cat([pos[:1], pos[:-1]]))  # (T,2)
+        col["pos_next"].append(torch.cat([pos[1:], pos[-1:]]))  # (T,2)
+    return [{k: torch.cat(v) for k, v in c.items()} for c in cols]
+
+
+def move_class(delta):
+    """Moves (N,2) in pixels -> the nearest of the K*K classes (N,), moves beyond MOVE clipped."""
+    k = delta.round().clamp(-MOVE, MOVE).long() + MOVE  # (N,2) in 0..K-1
+    return k[:, 0] * K + k[:, 1]
+
+
+class FrogModel(nn.Module):
+    """The dream's world: V's z of the level moved by a Gaussian conv transition (GridModel's), the frog moved by a
+    categorical over K*K moves, the win and death logits read off the frog's place on the level; and the locator,
+    which finds the frog in V's z."""
+
+    def __init__(self, z_dim, width=64, n_actions=5):
+        super().__init__()
+        self.c, self.n_actions = z_dim // 64, n_actions
+        self.grid = GridModel(z_dim, width)  # the level's next z (its own win and death heads go unused)
+        self.trunk = nn.Sequential(  # (N,2c+4+A,8,8) -> (N,256)
+            nn.Conv2d(2 * self.c + 4 + n_actions, width, 3, 1, 1), nn.ReLU(), nn.Conv2d(width, width, 3, 1, 1),
+            nn.ReLU(), nn.Flatten(), nn.Linear(width * 64, 256), nn.ReLU())
+        self.out = nn.Linear(256, K * K + 2)  # the move's logits, win, death
+        self.locator = nn.Sequential(  # (N,c,8,8) -> (N,3,8,8): per cell "the frog is here" and its offset (y, x)
+            nn.Conv2d(self.c, width, 3, 1, 1), nn.ReLU(), nn.Conv2d(width, width, 3, 1, 1), nn.ReLU(),
+            nn.Conv2d(width, 3, 3, 1, 1))
+
+    def forward(self, z, z_last, pos, pos_last, a):
+        """V's z, z_last (N,Z), the frog's centre now and a step ago (N,2), action indices (N,) -> the logits of the
+        frog's move (N,K*K), of the win (N,) and of the death (N,)."""
+        n, rel = len(z), (pos[:, None] - CENTRES) / 8  # (N,64,2): the frog's offset from each cell, in cells
+        planes = torch.cat([rel.transpose(1, 2), ((pos - pos_last) / MOVE)[..., None].expand(-1, -1, 64),
+                            F.one_hot(a, self.n_actions).float()[..., None].expand(-1, -1, 64)], 1)  # (N,4+A,64)
+        x = torch.cat([z.view(n, self.c, 8, 8), z_last.view(n, self.c, 8, 8), planes.view(n, -1, 8, 8)], 1)
+        y = self.out(self.trunk(x))  # (N,K*K+2)
+        return y[:, :-2], y[:, -2], y[:, -1]
+
+    def z_dist(self, z, z_last, a):
+        """The level's next z: the Gaussian's mean and log std (N,Z) each."""
+        mean = self.grid.move(z, z_last, a)
+        return mean, self.grid.log_sigma.clamp(-5, 2).expand_as(mean)
+
+    def locate(self, z, pos=None):
+        """V's z (N,Z) -> the frog's centre (N,2); with the true centre pos (N,2): the locator's loss instead."""
+        y = self.locator(z.view(len(z), self.c, 8, 8)).flatten(2)  # (N,3,64)
+        cell = y[:, 0].argmax(1) if pos is None else (pos[:, None] - CENTRES).pow(2).sum(-1).argmin(1)  # (N,)
+        off = MOVE * torch.tanh(y[:, 1:].gather(2, cell[:, None, None].expand(-1, 2, 1))[..., 0])  # (N,2) pixels
+        if pos is None:
+            return CENTRES[cell] + off
+        return F.cross_entropy(y[:, 0], cell) + (CENTRES[cell] + off - pos).pow(2).sum(-1).mean() / MOVE ** 2
+
+    def step(self, pos, logits, tau=1.0):
+        """The frog's next centre (N,2): a move sampled at temperature tau (logits / tau), kept on the screen."""
+        k = torch.distributions.Categorical(logits=logits / tau).sample()  # (N,)
+        return (pos + torch.stack([k // K, k % K], 1) - MOVE).clamp(0, 63)
+
+    def hop(self, z, z_last, a):
+        """The death logit (N,) of action a from V's z alone (the locator finds the frog): C's m in the real game."""
+        return self(z, z_last, self.locate(z), self.locate(z_last), a)[2]
+
+
+def losses(model, D, i, unroll):
+    """Mean loss of windows starting at steps i (B,), unroll steps each, fed the model's own predictions after the
+    first: the level's mean (with its gradient), the frog's sampled move."""
+    z, z_last, pos, pos_last = D["z"][i], D["z_last"][i], D["pos"][i], D["pos_last"][i]
+    total = model.locate(D["z"][i], D["pos"][i])
+    for j in range(unroll):
+        a, has_next = D["a"][i + j], D["has_next"][i + j]
+        dist = model.z_dist(z, z_last, a)
+        logits, win, death = model(z, z_last, pos, pos_last, a)
+        target = move_class(D["pos_next"][i + j] - pos)  # where the frog really went, from where the model has it
+        total = total + ((model.grid.nll(dist, D["z_next"][i + j]).sum(-1) * has_next).mean()
+                         + (F.cross_entropy(logits, target, reduction="none") * has_next).mean()
+                         + F.binary_cross_entropy_with_logits(win, D["win"][i + j])
+                         + F.binary_cross_entropy_with_logits(death, D["death"][i + j])) / unroll
+        z_last, z, pos_last, pos = z, dist[0], pos, model.step(pos, logits.detach())
+    return total
+
+
+def held_out(model, T):
+    """The models on the held-out steps, each from the true state: the locator's mean error in pixels, the share of
+    moves whose most likely class is the true one (and staying put's share), the level's one-step error, AUCs."""
+    logits, win, death = model(T["z"], T["z_last"], T["pos"], T["pos_last"], T["a"])
+    target, m = move_class(T["pos_next"] - T["pos"]), T["has_next"] > 0
+    mean = model.z_dist(T["z"], T["z_last"], T["a"])[0]
+    row = dict(locator_px=(model.locate(T["z"]) - T["pos"]).pow(2).sum(-1).sqrt().mean().item(),
+               move_acc=(logits.argmax(1) == target)[m].float().mean().item(),
+               stay_acc=(target == move_class(torch.zeros(1, 2)))[m].float().mean().item(),
+               error=((T["z_next"] - mean).pow(2).sum(-1) * T["has_next"]).sum().item() / T["has_next"].sum().item(),
+               win_auc=auc(win.numpy(), T["win"].numpy()), death_auc=auc(death.numpy(), T["death"].numpy()))
+    return row, (f"locator error {row['locator_px']:.2f} px, move accuracy {row['move_acc']:.1%} (staying put: "
+                 f"{row['stay_acc']:.1%}), level's one-step error {row['error']:.2f}, win AUC {row['win_auc']:.3f}, "
+                 f"death AUC {row['death_auc']:.3f}")
+
+
+def train_frog(cfg):
+    torch.manual_seed(cfg.seed)
+    D, T = steps_of(os.path.join(cfg.run, "latents"), death_steps=cfg.death_steps)
+    for split, frog in zip((D, T), frog_steps(cfg.run)):
+        if len(frog["pos"]) != len(split["a"]):
+            fail(f"{cfg.run}: data/ and latents/ hold different episodes ({len(frog['pos'])} vs {len(split['a'])} "
+                 "steps): encode data/ again with mdnrnn.py")
+        split.update(frog)
+    return fit(FrogModel(D["z"].shape[1], cfg.width), D, T, cfg, losses, held_out, "frog")
+
+
+@torch.no_grad()
+def frog_dream(model, mdn, policy, z0, tau=1.0, max_steps=MAX_STEPS):
+    """The frog model's dream for N episodes at once, as probe_grid_dream.grid_dream: policy(z (n,Z), h (n,H), the
+    death logit of UP (n,), idx (n,)) -> action indices (n,). The frog starts where the locator finds it in z0.
+    -> returns (N,) (10 per win), lengths (N,)."""
+    n, z, z_last = len(z0), z0.clone(), z0.clone()  # the first step has no earlier frame: z0 stands in
+    pos = model.locate(z0)
+    pos_last = pos.clone()  # (N,2) each
+    h, c = torch.zeros(2, 1, n, mdn.hidden).unbind()  # M's memory, each (1,N,H)
+    ret, length, alive = torch.zeros(n), torch.zeros(n, dtype=torch.long), torch.ones(n, dtype=torch.bool)
+    for _ in range(max_steps):
+        idx = alive.nonzero()[:, 0]  # (n,) the episodes still going
+        zi, zli, pi, pli = z[idx], z_last[idx], pos[idx], pos_last[idx]
+        a = policy(zi, h[0, idx], model(zi, zli, pi, pli, torch.full((len(idx),), UP))[2], idx)  # (n,)
+        logits, win, death = model(zi, zli, pi, pli, a)
+        h[:, idx], c[:, idx] = mdn.advance(zi, a, (h[:, idx], c[:, idx]))
+        z_last[idx], z[idx] = zi, model.grid.sample(model.z_dist(zi, zli, a), tau)
+        pos_last[idx], pos[idx] = pi, model.step(pi, logits, tau)
+        win, death = torch.bernoulli(torch.sigmoid(win)), torch.bernoulli(torch.sigmoid(death))  # (n,) each
+        ret[idx], length[idx] = ret[idx] + 10 * win, length[idx] + 1
+        alive[idx] = (win == 0) & (death == 0)
+        if not alive.any():
+            break
+    return ret, length
+
+
+def frog_frames(model, vae, tau):
+    """write_strip's dream_frames for the frog model: V's decoding of the dreamt level at tau, the dreamt frog painted
+    on it as a magenta 3x3 square (V's own drawing of the frog comes from the level's z and may disagree)."""
+    def frames(z0, actions):
+        z, z_last, pos = z0, z0, model.locate(z0)
+        zs, places, pos_last = [z], [pos], pos
+        for a in actions:
+            logits = model(z, z_last, pos, pos_last, a)[0]
+            z_last, z = z, model.grid.sample(model.z_dist(z, z_last, a), tau)
+            pos_last, pos = pos, model.step(pos, logits, tau)
+            zs.append(z), places.append(pos)
+        img = decode(vae, torch.stack(zs, 1).flatten(0, 1))  # (n*T,64,64,3)
+        for frame, (y, x) in zip(img, torch.stack(places, 1).flatten(0, 1).round().long().tolist()):  # (n*T,2)
+            frame[max(y - 1, 0):y + 2, max(x - 1, 0):x + 2] = (255, 0, 255)
+        return img.reshape(len(z0), -1, 64, 64, 3)  # (n,T,64,64,3)
+    return frames
+
+
+def main(cfg):
+    vae, mdn = load_vae(os.path.join(cfg.run, "vae.pt")), load_mdnrnn(os.path.join(cfg.run, "mdnrnn.pt"))
+    if not vae.spatial:
+        fail(f"{cfg.run}/vae.pt has a flat z; the frog model reads V's 8x8 grid (--spatial)")
+    model, res = train_frog(cfg)
+    if cfg.hop_steps:  # the issue's test of "M knows death", on levels of a stream no training step saw
+        hop = {k: torch.from_numpy(v) for k, v in hop_latents(vae, cfg.distribution_mode, cfg.hop_steps,
+                                                               hop_envs(cfg.hop_steps), 7_000_001).items()}
+        everything = torch.arange(len(hop["died"]))
+        res["hop_auc"] = hop_auc(model, hop, everything)
+        m_auc = hop_auc(mdn, hop, everything) if mdn.hop is not None else None
+        print(f"hop-then-wait UPs of new levels ({int((hop['action'] == UP).sum())}): the frog model's death logit "
+              f"AUC {res['hop_auc']:.3f}" + (f", M's hop head {m_auc:.3f}" if m_auc is not None else ""))
+    res["constant"] = constant_table(frog_dream, model, mdn, vae, cfg)
+    if cfg.strip:
+        write_strip(vae, cfg, cfg.strip, frog_frames(model, vae, cfg.tau))
+    if cfg.generations:
+        res["search"] = search_c(model, vae, mdn, cfg, dream=frog_dream, hop=model.hop)
+    return res
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(os.cpu_count() or 1)
+    main(cli(ProbeConfig))
