@@ -76,6 +76,25 @@ def write_strip(vae, cfg, path, dream_frames, n=4, steps=24, every=6):
     print(f"wrote {path}: real (odd rows) and dreamt (even rows), UP every {every} steps")
 
 
+@torch.no_grad()
+def dream_loop(step, mdn, n, max_steps=MAX_STEPS):
+    """What every dream's loop shares, for N episodes at once: step(idx (n,), h (n,H)) moves the model's own state of
+    the episodes idx still going and returns their z (n,Z), action indices (n,), win and death logits (n,) each; M's
+    LSTM remembers the z's and actions (C's h); a win or death is sampled. -> returns (N,) (10 per win), lengths (N,)."""
+    h, c = torch.zeros(2, 1, n, mdn.hidden).unbind()  # M's memory, each (1,N,H)
+    ret, length, alive = torch.zeros(n), torch.zeros(n, dtype=torch.long), torch.ones(n, dtype=torch.bool)
+    for _ in range(max_steps):
+        idx = alive.nonzero()[:, 0]  # (n,) the episodes still going
+        z, a, win, death = step(idx, h[0, idx])
+        h[:, idx], c[:, idx] = mdn.advance(z, a, (h[:, idx], c[:, idx]))
+        win, death = torch.bernoulli(torch.sigmoid(win)), torch.bernoulli(torch.sigmoid(death))  # (n,) each
+        ret[idx], length[idx] = ret[idx] + 10 * win, length[idx] + 1
+        alive[idx] = (win == 0) & (death == 0)
+        if not alive.any():
+            break
+    return ret, length
+
+
 def first_z(vae, n, cfg, seed):
     """V's mu (n,Z) of the first frames of n levels of seed's stream."""
     return vae.encode(to_input(make_env(n, cfg.distribution_mode, seed=int(seed)).observe()[1]["rgb"]))[0]

@@ -33,7 +33,7 @@ from danger import auc, hop_auc, hop_envs, hop_latents  # noqa: E402
 from evaluate import decode  # noqa: E402
 from mdnrnn import load_mdnrnn  # noqa: E402
 from probe_frog import FROG_HI, FROG_LO  # noqa: E402
-from dream_bench import constant_table, fit, search_c, write_strip  # noqa: E402
+from dream_bench import constant_table, dream_loop, fit, search_c, write_strip  # noqa: E402
 from probe_grid_dream import GridModel, steps_of  # noqa: E402
 from vae import load_vae  # noqa: E402
 
@@ -202,28 +202,20 @@ def train_frog(cfg):
 
 @torch.no_grad()
 def frog_dream(model, mdn, policy, z0, tau=1.0, max_steps=MAX_STEPS):
-    """The frog model's dream for N episodes at once, as probe_grid_dream.grid_dream: policy(z (n,Z), h (n,H), the
-    death logit of UP (n,), idx (n,)) -> action indices (n,). The frog starts where the locator finds it in z0.
-    -> returns (N,) (10 per win), lengths (N,)."""
-    n, z, z_last = len(z0), z0.clone(), z0.clone()  # the first step has no earlier frame: z0 stands in
+    """The frog model's dream (dream_bench's kind): policy(z (n,Z), h (n,H), the death logit of UP (n,), idx (n,))
+    -> action indices (n,); the frog starts where the locator finds it in z0. -> returns (N,), lengths (N,)."""
+    z, z_last = z0.clone(), z0.clone()  # (N,Z) each; the first step has no earlier frame: z0 stands in
     pos = model.locate(z0)
     pos_last = pos.clone()  # (N,2) each
-    h, c = torch.zeros(2, 1, n, mdn.hidden).unbind()  # M's memory, each (1,N,H)
-    ret, length, alive = torch.zeros(n), torch.zeros(n, dtype=torch.long), torch.ones(n, dtype=torch.bool)
-    for _ in range(max_steps):
-        idx = alive.nonzero()[:, 0]  # (n,) the episodes still going
+
+    def step(idx, h):
         zi, zli, pi, pli = z[idx], z_last[idx], pos[idx], pos_last[idx]
-        a = policy(zi, h[0, idx], model(zi, zli, pi, pli, torch.full((len(idx),), UP))[2], idx)  # (n,)
+        a = policy(zi, h, model(zi, zli, pi, pli, torch.full((len(idx),), UP))[2], idx)  # (n,)
         logits, win, death = model(zi, zli, pi, pli, a)
-        h[:, idx], c[:, idx] = mdn.advance(zi, a, (h[:, idx], c[:, idx]))
         z_last[idx], z[idx] = zi, model.grid.sample(model.z_dist(zi, zli, a), tau)
         pos_last[idx], pos[idx] = pi, model.step(pi, logits, tau)
-        win, death = torch.bernoulli(torch.sigmoid(win)), torch.bernoulli(torch.sigmoid(death))  # (n,) each
-        ret[idx], length[idx] = ret[idx] + 10 * win, length[idx] + 1
-        alive[idx] = (win == 0) & (death == 0)
-        if not alive.any():
-            break
-    return ret, length
+        return zi, a, win, death
+    return dream_loop(step, mdn, len(z0), max_steps)
 
 
 def frog_frames(model, vae, tau):

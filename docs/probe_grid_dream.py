@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # and the probe beside it (also when imported)
 from collect import MAX_STEPS, UP, check_flags, cli, fail  # noqa: E402
 from danger import HopHead, auc  # noqa: E402
-from dream_bench import constant_table, fit, search_c, write_strip  # noqa: E402
+from dream_bench import constant_table, dream_loop, fit, search_c, write_strip  # noqa: E402
 from evaluate import decode  # noqa: E402
 from mdnrnn import load_mdnrnn, read_latents  # noqa: E402
 from probe_code_dream import code_model  # noqa: E402
@@ -167,25 +167,17 @@ def train_grid(cfg):
 
 @torch.no_grad()
 def grid_dream(model, mdn, policy, z0, tau=1.0, max_steps=MAX_STEPS):
-    """The grid model's dream for N episodes at once, as mdnrnn.dream but for policy(z (n,Z), h (n,H), the death
-    head's logit of UP (n,), idx (n,)) -> action indices (n,); h is M's memory of the dreamt z's and actions.
-    -> returns (N,) (10 per win), lengths (N,)."""
-    n, z, z_last = len(z0), z0.clone(), z0.clone()  # the first step has no earlier frame: z0 stands in
-    h, c = torch.zeros(2, 1, n, mdn.hidden).unbind()  # M's memory, each (1,N,H)
-    ret, length, alive = torch.zeros(n), torch.zeros(n, dtype=torch.long), torch.ones(n, dtype=torch.bool)
-    for _ in range(max_steps):
-        idx = alive.nonzero()[:, 0]  # (n,) the episodes still going
+    """The grid model's dream (dream_bench's kind): policy(z (n,Z), h (n,H), the death head's logit of UP (n,),
+    idx (n,)) -> action indices (n,). -> returns (N,) (10 per win), lengths (N,)."""
+    z, z_last = z0.clone(), z0.clone()  # (N,Z) each; the first step has no earlier frame: z0 stands in
+
+    def step(idx, h):
         zi, zli = z[idx], z_last[idx]
-        a = policy(zi, h[0, idx], model.death(zi, zli, torch.full((len(idx),), UP)), idx)  # (n,)
+        a = policy(zi, h, model.death(zi, zli, torch.full((len(idx),), UP)), idx)  # (n,)
         dist, win, death = model(zi, zli, a)
-        h[:, idx], c[:, idx] = mdn.advance(zi, a, (h[:, idx], c[:, idx]))
         z_last[idx], z[idx] = zi, model.sample(dist, tau)
-        win, death = torch.bernoulli(torch.sigmoid(win)), torch.bernoulli(torch.sigmoid(death))  # (n,) each
-        ret[idx], length[idx] = ret[idx] + 10 * win, length[idx] + 1
-        alive[idx] = (win == 0) & (death == 0)
-        if not alive.any():
-            break
-    return ret, length
+        return zi, a, win, death
+    return dream_loop(step, mdn, len(z0), max_steps)
 
 
 def grid_frames(model, vae, tau):
