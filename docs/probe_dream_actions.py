@@ -11,7 +11,6 @@ import os
 import sys
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo's modules

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo's modules
-from collect import ACTIONS, FG_UNIT, UP, check_flags, cli, load_frames  # noqa: E402
+from collect import ACTIONS, FG_UNIT, check_flags, cli, load_frames  # noqa: E402
 from controller import Agent, input_sizes  # noqa: E402
 from danger import MIRROR, HopHead, auc, hop_then_wait, start_point  # noqa: E402
 from evaluate import play  # noqa: E402
