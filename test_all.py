@@ -1068,7 +1068,7 @@ def test_frog_dream_probe_moves_one_frog_and_plays_the_toy_game(tmp_path, capsys
     frame = np.zeros((2, 64, 64, 3), np.uint8)
     frame[0, 10:13, 20:22] = (150, 200, 60)  # frog green: a 3x2 frog centred at (11, 20.5); frame 1 has none
     frame[0, 40, 40] = (255, 204, 0)  # a yellow car pixel is not the frog
-    assert probe.frog_of(frame).tolist() == [[11.0, 20.5], [11.0, 20.5]]
+    assert load_probe("probe_frog").frog_of(frame).tolist() == [[11.0, 20.5], [11.0, 20.5]]
     synthetic_frog_frames(str(run), 300, rng)
     cfg = probe.ProbeConfig(run=str(run), steps=600, unroll=2, width=16, death_steps=1, tau=0.01, episodes=8,
                             generations=1, popsize=4, dream_episodes=2, max_steps=20, check_levels=2, test_episodes=4)
@@ -1083,12 +1083,27 @@ def test_frog_dream_probe_moves_one_frog_and_plays_the_toy_game(tmp_path, capsys
     z0 = torch.zeros(16, 8, 8)  # (N,8,8): frogs in row 7, one per column
     z0[torch.arange(16), 7, torch.arange(16) % 8] = 3  # at y 59.5
     torch.manual_seed(0)
-    ends = {a: probe.frog_dream(model, mdn, lambda z, h, up, idx: torch.full((len(idx),), a), z0.view(16, 64), 0.01, 40)
-            for a in (collect.UP, collect.NONE, 0)}
-    assert (ends[collect.UP][0] == 10).float().mean() >= 0.9 and ends[collect.UP][1].float().mean() < 20
-    assert (ends[0][0] == 0).all() and ends[0][1].float().mean() < 3  # always-LEFT: dead within a few steps
-    assert (ends[collect.NONE][1] == 40).float().mean() >= 0.9  # always-NONE: neither wins nor dies
+    class LeftKills(torch.nn.Module):  # a hop head for M: P(the move kills) is 1 for LEFT, 0 for the others
+        def forward(self, z, z_last, a):
+            return torch.where(a == 0, 30.0, -30.0)
+    mdn.hop = LeftKills()
+    for kind in ({}, dict(level="mean", sharp_heads=True), dict(level="mean", death="hop")):
+        ends = {a: probe.frog_dream(model, mdn, lambda z, h, up, idx: torch.full((len(idx),), a), z0.view(16, 64),
+                                    0.01, 40, **kind) for a in (collect.UP, collect.NONE, 0)}
+        assert (ends[collect.UP][0] == 10).float().mean() >= 0.9 and ends[collect.UP][1].float().mean() < 20
+        assert (ends[0][0] == 0).all() and ends[0][1].float().mean() < 3  # always-LEFT: dead within a few steps
+        assert (ends[collect.NONE][1] == 40).float().mean() >= 0.9  # always-NONE: neither wins nor dies
+    assert (ends[0][1] == 1).all()  # death="hop": the first LEFT, a move from rest, is sampled dead at once
     assert "frog step 600" in capsys.readouterr().out
+    again, again_row = probe.trained(dataclasses.replace(cfg, model=str(tmp_path / "frog.pt")), 64)  # trains, saves
+    assert again_row == row and "frog step 600" in capsys.readouterr().out  # the same seed: the same model
+    loaded, loaded_row = probe.trained(dataclasses.replace(cfg, model=str(tmp_path / "frog.pt"), tau=0.5), 64)
+    assert loaded_row == row and "frog step" not in capsys.readouterr().out  # loaded (tau: the dream's, not training's)
+    x = (z0.view(16, 64), z0.view(16, 64), torch.full((16,), collect.UP))
+    assert torch.equal(loaded.hop(*x), again.hop(*x)) and torch.equal(loaded.hop(*x), model.hop(*x))
+    with pytest.raises(SystemExit) as e:  # a file trained otherwise: one error line, the file kept
+        probe.trained(dataclasses.replace(cfg, model=str(tmp_path / "frog.pt"), steps=601), 64)
+    assert str(e.value).startswith(f"error: --model {tmp_path / 'frog.pt'} was trained with other flags")
     real = tmp_path / "real"  # a spatial V of z_dim 64 and an M on it, on real episodes: main's whole path
     collect_quiet(real / "data", episodes=24, num_envs=8)
     vae.train(VAEConfig(data=str(real / "data"), out=str(real / "vae.pt"), z_dim=64, spatial=True, epochs=1,
@@ -1099,10 +1114,14 @@ def test_frog_dream_probe_moves_one_frog_and_plays_the_toy_game(tmp_path, capsys
     assert set(res["constant"]) == set(collect.ACTION_NAMES) and res["search"]["episodes"] == 4
     strip = imageio.imread(tmp_path / "s.png")  # 4 levels: the real game above the dream, 25 frames each
     assert strip.shape == (8 * 64, 25 * 64, 3) and (strip[64:128] == (255, 0, 255)).all(-1).sum() >= 25 * 9
-    assert 0 <= res["hop_auc"] <= 1 or math.isnan(res["hop_auc"])  # nan: no UP of the short play ended both ways
+    assert set(res["hop_auc"]) == {0, 6, 12}  # the death logit and its lookaheads; nan: no UP ended both ways
+    assert all(0 <= x <= 1 or math.isnan(x) for x in res["hop_auc"].values())
     out = capsys.readouterr().out
     assert "C generation 1: dream mean" in out and "real validation wins" in out and "held out:" in out
     assert "hop-then-wait UPs of new levels" in out
+    with pytest.raises(SystemExit) as e:  # this M has no hop head to kill the dream's frog with
+        probe.main(dataclasses.replace(cfg, run=str(real), death="hop"))
+    assert str(e.value) == f"error: --death hop: {real}/mdnrnn.pt has no hop head (M trained with --hop-steps 0)"
     shutil.rmtree(real / "latents")  # data/ and latents/ that disagree: one error line
     mdnrnn.encode_episodes(str(run / "data"), str(real / "vae.pt"), str(real / "latents"))
     with pytest.raises(SystemExit) as e:

@@ -80,7 +80,7 @@ def write_strip(vae, cfg, path, dream_frames, n=4, steps=24, every=6):
 def dream_loop(step, mdn, n, max_steps=MAX_STEPS):
     """What every dream's loop shares, for N episodes at once: step(idx (n,), h (n,H)) moves the model's own state of
     the episodes idx still going and returns their z (n,Z), action indices (n,), win and death logits (n,) each; M's
-    LSTM remembers the z's and actions (C's h); a win or death is sampled. -> returns (N,) (10 per win), lengths (N,)."""
+    LSTM remembers the z's and actions (C's h); a win or death is sampled. -> returns (N,) (10 a win), lengths (N,)."""
     h, c = torch.zeros(2, 1, n, mdn.hidden).unbind()  # M's memory, each (1,N,H)
     ret, length, alive = torch.zeros(n), torch.zeros(n, dtype=torch.long), torch.ones(n, dtype=torch.bool)
     for _ in range(max_steps):

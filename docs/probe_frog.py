@@ -6,7 +6,8 @@ sprite there. This probe finds the frog by its colour (a cheat only a probe may 
 V), pools it onto V's 8x8 grid as one more channel, and trains three hop heads as M's stage trains its own (every
 move of hop-then-wait play on levels of seed --seed, half of them mirrored; every --holdout-th env held out) on:
 V's z, V's z plus the frog channel, and the frog channel alone. Printed: each head's AUC on the held-out envs' UPs
-after every epoch. If z plus the frog comes near D, what V loses is the frog.
+after every epoch. If z plus the frog comes near D, what V loses is the frog. frog_of and frog_steps find the frog's
+centre the same way for docs/probe_frog_dream.py's labels.
 
     python docs/probe_frog.py --vae pretrained/hard/vae.pt --distribution-mode hard
 """
@@ -21,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo's modules
-from collect import check_flags, cli, fail  # noqa: E402
+from collect import check_flags, cli, fail, list_episodes, load_episode  # noqa: E402
 from danger import HopHead, hop_auc, hop_envs, hop_epoch, hop_latents  # noqa: E402
 from vae import load_vae  # noqa: E402
 
@@ -41,6 +42,31 @@ class ProbeConfig:
 
     def __post_init__(self):
         check_flags(self, at_least=dict(hop_steps=256, epochs=1, batch_size=1, holdout=2))
+
+
+def frog_of(obs):
+    """Frames (T,64,64,3) uint8 -> the frog's centre (T,2), (y, x) in pixels, found by its colour; a frame without
+    a frog-green pixel keeps the last frame's centre (the first frame's: the middle)."""
+    rgb = obs.astype(np.int16)  # FROG_LO holds -1 and FROG_HI 256: compare outside uint8
+    m = ((rgb > FROG_LO) & (rgb < FROG_HI)).all(-1)  # (T,64,64)
+    n, ramp = m.sum((1, 2)), np.arange(64)
+    pos = np.stack([m.sum(2) @ ramp, m.sum(1) @ ramp], 1) / np.maximum(n, 1)[:, None]  # (T,2)
+    for t in np.flatnonzero(n == 0):
+        pos[t] = pos[t - 1] if t else 31.5
+    return pos.astype(np.float32)
+
+
+def frog_steps(run, holdout=20):
+    """The frog's centre at every step of the run's episodes, in steps_of's order and split (training, held out):
+    pos (at t), pos_last (t-1; t at t = 0), pos_next (t+1; t at the last step)."""
+    paths = list_episodes(os.path.join(run, "data"))
+    cols = [{k: [] for k in ("pos", "pos_last", "pos_next")} for _ in range(2)]
+    for i, path in enumerate(paths):
+        pos, col = torch.from_numpy(frog_of(load_episode(path)["obs"])), cols[i % holdout == holdout - 1]  # (T,2)
+        col["pos"].append(pos)
+        col["pos_last"].append(torch.cat([pos[:1], pos[:-1]]))  # (T,2)
+        col["pos_next"].append(torch.cat([pos[1:], pos[-1:]]))  # (T,2)
+    return [{k: torch.cat(v) for k, v in c.items()} for c in cols]
 
 
 def frog_cells(x):

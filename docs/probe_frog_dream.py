@@ -1,41 +1,41 @@
 """Probe: the frog as an object of the dream. Does a world model that carries the frog's place as a variable of its
 own dream a game where UP matters, and does C learn in it?
 
-On V's grid alone the dreamt frog blurs (a Gaussian per latent), smears or splits (a categorical per latent or per
-cell), and in every such dream NONE wins more than UP (docs/experiments.md, sixteenth round). Here the dream's state
-is V's z (the level, dreamt by probe_grid_dream's Gaussian conv transition) plus the frog's centre (y, x) in pixels.
-The frog model (two 3x3 convs on V's grid, each cell also told the frog's offset from its centre, the frog's last
-move and the action) gives the frog's next move as one of 9 x 9 moves of -4..4 pixels, so that a dream has one sharp
-frog, and the logits of "this step wins" and "this step kills the frog". Where the frog is comes from V: a locator
-head on V's z (which 8x8 cell holds the frog, and where in it), taught by the frog's colour in the recorded frames
-(the probe's cheat, docs/probe_frog.py's: only the labels use it; the dream and the agent read V's z only).
+On V's grid alone the dreamt frog blurs, smears or splits, and NONE wins more dreams than UP (docs/experiments.md,
+sixteenth round). Here the dream's state is V's z (the level, moved by probe_grid_dream's Gaussian conv transition)
+plus the frog's centre (y, x) in pixels. The frog model (3x3 convs on V's grid, each cell also told the frog's offset
+from its centre, its last move and the action) gives the frog's next move as one of 9 x 9 moves of -4..4 pixels (one
+sharp frog) and the logits of "this step wins" and "this step kills". The frog's first place comes from V: a locator
+head on V's z, taught by the frog's colour in the recorded frames (docs/probe_frog.py's cheat, for labels only).
+--level mean moves the level by its mean (leaper's cars move the same way every time); --sharp-heads: the heads at tau
+too; --death hop: a dream frog dies only as a move starts, by M's hop head (also C's m then, in dream and game).
 
-Printed: the locator's held-out error, the frog model's held-out move accuracy and AUCs, dreams under constant
-actions (in the game NONE never wins and UP wins about a third), and with --generations N, C (on [z, h, the death
-logit of UP]) searched by CMA-ES in this dream and taken to the real game (dream_bench.search_c).
+Printed: the locator's held-out error, the move accuracy and AUCs, with --hop-steps the AUC on hop-then-wait UPs,
+dreams under constant actions (in the game NONE never wins, UP wins a third), and with --generations N, C (on
+[z, h, m]) searched by CMA-ES in this dream and taken to the real game (dream_bench.search_c).
 
-    python docs/probe_frog_dream.py --run runs --generations 30
+    python docs/probe_frog_dream.py --run runs --level mean --death hop --tau 0.3 --generations 30
 """
+import functools
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Literal
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo's modules
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # and the probes beside it
-from collect import MAX_STEPS, UP, check_flags, cli, fail  # noqa: E402
-from danger import auc, hop_auc, hop_envs, hop_latents  # noqa: E402
+from collect import MAX_STEPS, NONE, UP, check_flags, cli, fail  # noqa: E402
+from danger import auc, hop_envs, hop_latents  # noqa: E402
 from evaluate import decode  # noqa: E402
 from mdnrnn import load_mdnrnn  # noqa: E402
-from probe_frog import FROG_HI, FROG_LO  # noqa: E402
 from dream_bench import constant_table, dream_loop, fit, search_c, write_strip  # noqa: E402
+from probe_frog import frog_steps  # noqa: E402
 from probe_grid_dream import GridModel, steps_of  # noqa: E402
-from vae import load_vae  # noqa: E402
+from vae import load_checkpoint, load_vae, save_atomic  # noqa: E402
 
 MOVE = 4  # the frog's centre moves at most this many pixels a step along each axis (measured: a hop is ~7 pixels
 # over ~5 frames; 300 random episodes' largest step was 4.1 pixels)
@@ -54,6 +54,11 @@ class ProbeConfig:
     width: int = 64  # channels of the convs
     death_steps: int = 2  # the last this many steps of a dying episode are labelled death (the car comes first)
     tau: float = 1.0  # the dream's temperature: the level's Gaussian spread * sqrt(tau), the frog's logits / tau
+    level: Literal["sample", "mean"] = "sample"  # the dreamt level's next z: sampled at tau (Ha's) or the Gaussian's
+    # mean (leaper's cars and logs move the same way every time: only the frog's fate is uncertain)
+    sharp_heads: bool = False  # the win and death logits / tau too: a dream frog dies only where M is sure it does
+    death: Literal["step", "hop"] = "step"  # what kills a dream frog: the frog model's death head at every step, or
+    # M's hop head (the run's mdnrnn.pt) when a move starts, and C's m is that head's logit of UP in dream and game
     hop_steps: int = 0  # > 0: env steps of hop-then-wait play on new levels; the death logit's AUC on its UPs (M's too)
     episodes: int = 256  # dreams per constant action, from held-out first frames
     generations: int = 0  # CMA-ES generations of C in the dream (0: no search)
@@ -62,40 +67,14 @@ class ProbeConfig:
     max_steps: int = 250  # a dream episode's cap in the search (the game's: 500)
     check_levels: int = 64  # real validation levels the CMA mean plays every 5 generations
     test_episodes: int = 1000  # held-out levels the searched C plays at the end (evaluate.py's stream)
+    model: str = ""  # a .pt of the frog model: loaded if it exists (training skipped), else written after training
     strip: str = ""  # a PNG to write: 4 dreams (V's picture, the dreamt frog in magenta) beside the real game's frames
     seed: int = 0  # seeds the models' training, the dreams and CMA-ES
 
     def __post_init__(self):
         check_flags(self, at_least=dict(steps=1, unroll=1, batch=1, width=2, death_steps=1, hop_steps=0, episodes=1,
-                                        generations=0,
-                                        popsize=2, dream_episodes=1, max_steps=1, check_levels=1, test_episodes=1),
-                    above=dict(tau=0))
-
-
-def frog_of(obs):
-    """Frames (T,64,64,3) uint8 -> the frog's centre (T,2), (y, x) in pixels, found by its colour; a frame without
-    a frog-green pixel keeps the last frame's centre (the first frame's: the middle)."""
-    rgb = obs.astype(np.int16)  # FROG_LO holds -1 and FROG_HI 256: compare outside uint8
-    m = ((rgb > FROG_LO) & (rgb < FROG_HI)).all(-1)  # (T,64,64)
-    n, ramp = m.sum((1, 2)), np.arange(64)
-    pos = np.stack([m.sum(2) @ ramp, m.sum(1) @ ramp], 1) / np.maximum(n, 1)[:, None]  # (T,2)
-    for t in np.flatnonzero(n == 0):
-        pos[t] = pos[t - 1] if t else 31.5
-    return pos.astype(np.float32)
-
-
-def frog_steps(run, holdout=20):
-    """The frog's centre at every step of the run's episodes, in steps_of's order and split (training, held out):
-    pos (at t), pos_last (t-1; t at t = 0), pos_next (t+1; t at the last step)."""
-    from collect import list_episodes, load_episode
-    paths = list_episodes(os.path.join(run, "data"))
-    cols = [{k: [] for k in ("pos", "pos_last", "pos_next")} for _ in range(2)]
-    for i, path in enumerate(paths):
-        pos, col = torch.from_numpy(frog_of(load_episode(path)["obs"])), cols[i % holdout == holdout - 1]  # (T,2)
-        col["pos"].append(pos)
-        col["pos_last"].append(torch.cat([pos[:1], pos[:-1]]))  # (T,2)
-        col["pos_next"].append(torch.cat([pos[1:], pos[-1:]]))  # (T,2)
-    return [{k: torch.cat(v) for k, v in c.items()} for c in cols]
+                                        generations=0, popsize=2, dream_episodes=1, max_steps=1, check_levels=1,
+                                        test_episodes=1), above=dict(tau=0))
 
 
 def move_class(delta):
@@ -136,6 +115,11 @@ class FrogModel(nn.Module):
         mean = self.grid.move(z, z_last, a)
         return mean, self.grid.log_sigma.clamp(-5, 2).expand_as(mean)
 
+    def next_z(self, z, z_last, a, tau=1.0, level="sample"):
+        """The dreamt level's next z (N,Z): sampled at temperature tau, or (level "mean") the Gaussian's mean."""
+        dist = self.z_dist(z, z_last, a)
+        return dist[0] if level == "mean" else self.grid.sample(dist, tau)
+
     def locate(self, z, pos=None):
         """V's z (N,Z) -> the frog's centre (N,2); with the true centre pos (N,2): the locator's loss instead."""
         y = self.locator(z.view(len(z), self.c, 8, 8)).flatten(2)  # (N,3,64)
@@ -146,13 +130,27 @@ class FrogModel(nn.Module):
         return F.cross_entropy(y[:, 0], cell) + (CENTRES[cell] + off - pos).pow(2).sum(-1).mean() / MOVE ** 2
 
     def step(self, pos, logits, tau=1.0):
-        """The frog's next centre (N,2): a move sampled at temperature tau (logits / tau), kept on the screen."""
-        k = torch.distributions.Categorical(logits=logits / tau).sample()  # (N,)
+        """The frog's next centre (N,2): a move sampled at temperature tau (logits / tau; tau 0: the likeliest move),
+        kept on the screen."""
+        k = logits.argmax(1) if tau == 0 else torch.distributions.Categorical(logits=logits / tau).sample()  # (N,)
         return (pos + torch.stack([k // K, k % K], 1) - MOVE).clamp(0, 63)
 
-    def hop(self, z, z_last, a):
-        """The death logit (N,) of action a from V's z alone (the locator finds the frog): C's m in the real game."""
-        return self(z, z_last, self.locate(z), self.locate(z_last), a)[2]
+    def risk(self, z, z_last, pos, pos_last, a, lookahead=0):
+        """C's m (N,): the death logit of action a now, or with lookahead L the logit of P(the frog dies within L
+        steps of a, then NONE) as the model imagines it (the level's mean, the frog's likeliest move each step)."""
+        if not lookahead:
+            return self(z, z_last, pos, pos_last, a)[2]
+        alive, dead = torch.ones(len(z)), torch.zeros(len(z))
+        for t in range(lookahead):
+            act = a if t == 0 else torch.full_like(a, NONE)
+            logits, _, death = self(z, z_last, pos, pos_last, act)
+            dead, alive = dead + alive * torch.sigmoid(death), alive * torch.sigmoid(-death)
+            z_last, z, pos_last, pos = z, self.z_dist(z, z_last, act)[0], pos, self.step(pos, logits, 0)
+        return torch.logit(dead.clamp(1e-6, 1 - 1e-6))
+
+    def hop(self, z, z_last, a, lookahead=0):
+        """risk from V's z alone (the locator finds the frog): C's m in the real game."""
+        return self.risk(z, z_last, self.locate(z), self.locate(z_last), a, lookahead)
 
 
 def losses(model, D, i, unroll):
@@ -201,7 +199,7 @@ def train_frog(cfg):
 
 
 @torch.no_grad()
-def frog_dream(model, mdn, policy, z0, tau=1.0, max_steps=MAX_STEPS):
+def frog_dream(model, mdn, policy, z0, tau=1.0, max_steps=MAX_STEPS, level="sample", sharp_heads=False, death="step"):
     """The frog model's dream (dream_bench's kind): policy(z (n,Z), h (n,H), the death logit of UP (n,), idx (n,))
     -> action indices (n,); the frog starts where the locator finds it in z0. -> returns (N,), lengths (N,)."""
     z, z_last = z0.clone(), z0.clone()  # (N,Z) each; the first step has no earlier frame: z0 stands in
@@ -210,15 +208,21 @@ def frog_dream(model, mdn, policy, z0, tau=1.0, max_steps=MAX_STEPS):
 
     def step(idx, h):
         zi, zli, pi, pli = z[idx], z_last[idx], pos[idx], pos_last[idx]
-        a = policy(zi, h, model(zi, zli, pi, pli, torch.full((len(idx),), UP))[2], idx)  # (n,)
-        logits, win, death = model(zi, zli, pi, pli, a)
-        z_last[idx], z[idx] = zi, model.grid.sample(model.z_dist(zi, zli, a), tau)
+        up = torch.full((len(idx),), UP)
+        a = policy(zi, h, mdn.hop(zi, zli, up) if death == "hop" else model(zi, zli, pi, pli, up)[2], idx)  # (n,)
+        logits, win, dies = model(zi, zli, pi, pli, a)
+        if death == "hop":  # a move starts where the frog is at rest (mid-hop the game ignores the action)
+            starts = (a != NONE) & ((pi - pli).abs().sum(1) < 0.5)
+            dies = torch.where(starts, mdn.hop(zi, zli, a), torch.full_like(dies, -30.0))  # elsewhere never
+        z_last[idx], z[idx] = zi, model.next_z(zi, zli, a, tau, level)
         pos_last[idx], pos[idx] = pi, model.step(pi, logits, tau)
-        return zi, a, win, death
+        if sharp_heads:  # M's hop head is sampled as it is
+            win, dies = win / tau, dies / tau if death == "step" else dies
+        return zi, a, win, dies
     return dream_loop(step, mdn, len(z0), max_steps)
 
 
-def frog_frames(model, vae, tau):
+def frog_frames(model, vae, tau, level="sample"):
     """write_strip's dream_frames for the frog model: V's decoding of the dreamt level at tau, the dreamt frog painted
     on it as a magenta 3x3 square (V's own drawing of the frog comes from the level's z and may disagree)."""
     def frames(z0, actions):
@@ -226,7 +230,7 @@ def frog_frames(model, vae, tau):
         zs, places, pos_last = [z], [pos], pos
         for a in actions:
             logits = model(z, z_last, pos, pos_last, a)[0]
-            z_last, z = z, model.grid.sample(model.z_dist(z, z_last, a), tau)
+            z_last, z = z, model.next_z(z, z_last, a, tau, level)
             pos_last, pos = pos, model.step(pos, logits, tau)
             zs.append(z), places.append(pos)
         img = decode(vae, torch.stack(zs, 1).flatten(0, 1))  # (n*T,64,64,3)
@@ -236,24 +240,58 @@ def frog_frames(model, vae, tau):
     return frames
 
 
+class Located(nn.Module):
+    """The frog model's death logit from V's z alone, as M's hop head is called (mdn.hop(z, z_last, a))."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, z, z_last, a):
+        return self.model.hop(z, z_last, a)
+
+
+def trained(cfg, z_dim):
+    """The frog model of cfg.model if that file exists (made with the same training flags), else a new one trained
+    and written there (when cfg.model is set). -> the model, its held-out figures."""
+    fields = ("steps", "unroll", "batch", "width", "death_steps", "seed")  # what the training depends on
+    if cfg.model and os.path.exists(cfg.model):
+        ckpt = load_checkpoint(cfg.model)
+        was = {k: ckpt["config"].get(k) for k in fields}
+        if was != {k: getattr(cfg, k) for k in fields}:
+            fail(f"--model {cfg.model} was trained with other flags ({was}); use another --model")
+        model = FrogModel(z_dim, cfg.width)
+        model.load_state_dict(ckpt["model"])
+        return model.eval(), dict(ckpt["held_out"])
+    model, row = train_frog(cfg)
+    if cfg.model:
+        save_atomic(dict(model=model.state_dict(), config=asdict(cfg), held_out=row), cfg.model)
+    return model, row
+
+
 def main(cfg):
     vae, mdn = load_vae(os.path.join(cfg.run, "vae.pt")), load_mdnrnn(os.path.join(cfg.run, "mdnrnn.pt"))
     if not vae.spatial:
         fail(f"{cfg.run}/vae.pt has a flat z; the frog model reads V's 8x8 grid (--spatial)")
-    model, res = train_frog(cfg)
+    if cfg.death == "hop" and mdn.hop is None:
+        fail(f"--death hop: {cfg.run}/mdnrnn.pt has no hop head (M trained with --hop-steps 0)")
+    model, res = trained(cfg, vae.z_dim)
     if cfg.hop_steps:  # the issue's test of "M knows death", on levels of a stream no training step saw
         hop = {k: torch.from_numpy(v) for k, v in hop_latents(vae, cfg.distribution_mode, cfg.hop_steps,
                                                                hop_envs(cfg.hop_steps), 7_000_001).items()}
-        everything = torch.arange(len(hop["died"]))
-        res["hop_auc"] = hop_auc(model, hop, everything)
-        m_auc = hop_auc(mdn, hop, everything) if mdn.hop is not None else None
-        print(f"hop-then-wait UPs of new levels ({int((hop['action'] == UP).sum())}): the frog model's death logit "
-              f"AUC {res['hop_auc']:.3f}" + (f", M's hop head {m_auc:.3f}" if m_auc is not None else ""))
-    res["constant"] = constant_table(frog_dream, model, mdn, vae, cfg)
+        up = (hop["action"] == UP).nonzero()[:, 0]  # (U,)
+        x, died = (hop["z"][up], hop["z_last"][up], hop["action"][up]), hop["died"][up].numpy()
+        with torch.no_grad():
+            res["hop_auc"] = {L: auc(model.hop(*x, L).numpy(), died) for L in (0, 6, 12)}
+            m_auc = auc(mdn.hop(*x).numpy(), died) if mdn.hop is not None else float("nan")
+        print(f"hop-then-wait UPs of new levels ({len(up)}): AUC of the frog model's death logit, its 6- and 12-step "
+              f"lookahead {' / '.join(f'{v:.3f}' for v in res['hop_auc'].values())}; M's hop head {m_auc:.3f}")
+    dream = functools.partial(frog_dream, level=cfg.level, sharp_heads=cfg.sharp_heads, death=cfg.death)
+    res["constant"] = constant_table(dream, model, mdn, vae, cfg)
     if cfg.strip:
-        write_strip(vae, cfg, cfg.strip, frog_frames(model, vae, cfg.tau))
+        write_strip(vae, cfg, cfg.strip, frog_frames(model, vae, cfg.tau, cfg.level))
     if cfg.generations:
-        res["search"] = search_c(model, vae, mdn, cfg, dream=frog_dream, hop=model.hop)
+        res["search"] = search_c(model, vae, mdn, cfg, dream, mdn.hop if cfg.death == "hop" else Located(model))
     return res
 
 
