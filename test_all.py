@@ -1072,7 +1072,7 @@ def test_frog_dream_probe_moves_one_frog_and_plays_the_toy_game(tmp_path, capsys
     synthetic_frog_frames(str(run), 300, rng)
     cfg = probe.ProbeConfig(run=str(run), steps=600, unroll=2, width=16, death_steps=1, tau=0.01, episodes=8,
                             generations=1, popsize=4, dream_episodes=2, max_steps=20, check_levels=2, test_episodes=4)
-    model, row = probe.train_frog(cfg)
+    model, row = probe.trained(dataclasses.replace(cfg, model=str(tmp_path / "frog.pt")), 64)  # trains, then saves
     assert row["locator_px"] < 1.0 and row["move_acc"] > 0.9 > row["stay_acc"]
     assert row["win_auc"] > 0.95 and row["death_auc"] > 0.95
     pos = torch.tensor([[0.0, 63.0], [30.5, 31.5]]).repeat(50, 1)  # (100,2), two at the screen's corner
@@ -1095,15 +1095,16 @@ def test_frog_dream_probe_moves_one_frog_and_plays_the_toy_game(tmp_path, capsys
         assert (ends[collect.NONE][1] == 40).float().mean() >= 0.9  # always-NONE: neither wins nor dies
     assert (ends[0][1] == 1).all()  # death="hop": the first LEFT, a move from rest, is sampled dead at once
     assert "frog step 600" in capsys.readouterr().out
-    again, again_row = probe.trained(dataclasses.replace(cfg, model=str(tmp_path / "frog.pt")), 64)  # trains, saves
-    assert again_row == row and "frog step 600" in capsys.readouterr().out  # the same seed: the same model
     loaded, loaded_row = probe.trained(dataclasses.replace(cfg, model=str(tmp_path / "frog.pt"), tau=0.5), 64)
     assert loaded_row == row and "frog step" not in capsys.readouterr().out  # loaded (tau: the dream's, not training's)
     x = (z0.view(16, 64), z0.view(16, 64), torch.full((16,), collect.UP))
-    assert torch.equal(loaded.hop(*x), again.hop(*x)) and torch.equal(loaded.hop(*x), model.hop(*x))
+    assert torch.equal(loaded.hop(*x), model.hop(*x)) and torch.equal(loaded.hop(*x, 3), model.hop(*x, 3))
+    left = torch.zeros(16, dtype=torch.long)  # imagined 3 steps ahead: LEFT kills, UP from the bottom row does not
+    assert (model.hop(*x[:2], left, 3) > 2).all() and (model.hop(*x, 3) < -2).all()
     with pytest.raises(SystemExit) as e:  # a file trained otherwise: one error line, the file kept
         probe.trained(dataclasses.replace(cfg, model=str(tmp_path / "frog.pt"), steps=601), 64)
     assert str(e.value).startswith(f"error: --model {tmp_path / 'frog.pt'} was trained with other flags")
+    assert (tmp_path / "frog.pt").exists()
     real = tmp_path / "real"  # a spatial V of z_dim 64 and an M on it, on real episodes: main's whole path
     collect_quiet(real / "data", episodes=24, num_envs=8)
     vae.train(VAEConfig(data=str(real / "data"), out=str(real / "vae.pt"), z_dim=64, spatial=True, epochs=1,
