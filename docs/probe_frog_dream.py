@@ -30,9 +30,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # and the probes beside it
 from collect import MAX_STEPS, NONE, UP, check_flags, cli, fail  # noqa: E402
 from danger import auc, hop_envs, hop_latents  # noqa: E402
+from dream_bench import constant_table, dream_loop, fit, search_c, write_strip  # noqa: E402
 from evaluate import decode  # noqa: E402
 from mdnrnn import load_mdnrnn  # noqa: E402
-from dream_bench import constant_table, dream_loop, fit, search_c, write_strip  # noqa: E402
 from probe_frog import frog_steps  # noqa: E402
 from probe_grid_dream import GridModel, steps_of  # noqa: E402
 from vae import load_checkpoint, load_vae, save_atomic  # noqa: E402
@@ -56,7 +56,7 @@ class ProbeConfig:
     tau: float = 1.0  # the dream's temperature: the level's Gaussian spread * sqrt(tau), the frog's logits / tau
     level: Literal["sample", "mean"] = "sample"  # the dreamt level's next z: sampled at tau (Ha's) or the Gaussian's
     # mean (leaper's cars and logs move the same way every time: only the frog's fate is uncertain)
-    sharp_heads: bool = False  # the win and death logits / tau too: a dream frog dies only where M is sure it does
+    sharp_heads: bool = False  # the win and death logits / tau too: a dream frog dies only where the model is sure
     death: Literal["step", "hop"] = "step"  # what kills a dream frog: the frog model's death head at every step, or
     # M's hop head (the run's mdnrnn.pt) when a move starts, and C's m is that head's logit of UP in dream and game
     hop_steps: int = 0  # > 0: env steps of hop-then-wait play on new levels; the death logit's AUC on its UPs (M's too)
