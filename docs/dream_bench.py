@@ -118,7 +118,7 @@ def search_c(model, vae, mdn, cfg, dream, hop=None):
     real validation levels every 5 generations (logged, never searched on). hop: C's m in the game (model.death)."""
     ccfg = CConfig(inputs="zhm", popsize=cfg.popsize, danger_prior=0.0, seed=cfg.seed)
     es, env_steps = make_search(ccfg, input_sizes("zhm", vae.z_dim, mdn.hidden)), 0
-    mdn.hop = hop or model.death  # controller.Agent reads M's hop head for input m: in the game the death head too
+    mdn.hop = model.death if hop is None else hop  # controller.Agent reads C's m from M's hop head
     agent = lambda w: Agent(vae, mdn, torch.as_tensor(w, dtype=torch.float32).view(len(ACTIONS), -1), "zhm",
                             distribution_mode=cfg.distribution_mode)
 

@@ -115,11 +115,6 @@ class FrogModel(nn.Module):
         mean = self.grid.move(z, z_last, a)
         return mean, self.grid.log_sigma.clamp(-5, 2).expand_as(mean)
 
-    def next_z(self, z, z_last, a, tau=1.0, level="sample"):
-        """The dreamt level's next z (N,Z): sampled at temperature tau, or (level "mean") the Gaussian's mean."""
-        dist = self.z_dist(z, z_last, a)
-        return dist[0] if level == "mean" else self.grid.sample(dist, tau)
-
     def locate(self, z, pos=None):
         """V's z (N,Z) -> the frog's centre (N,2); with the true centre pos (N,2): the locator's loss instead."""
         y = self.locator(z.view(len(z), self.c, 8, 8)).flatten(2)  # (N,3,64)
@@ -130,10 +125,16 @@ class FrogModel(nn.Module):
         return F.cross_entropy(y[:, 0], cell) + (CENTRES[cell] + off - pos).pow(2).sum(-1).mean() / MOVE ** 2
 
     def step(self, pos, logits, tau=1.0):
-        """The frog's next centre (N,2): a move sampled at temperature tau (logits / tau; tau 0: the likeliest move),
-        kept on the screen."""
+        """The frog's next centre (N,2): a move sampled at tau (logits / tau; 0: the likeliest), kept on screen."""
         k = logits.argmax(1) if tau == 0 else torch.distributions.Categorical(logits=logits / tau).sample()  # (N,)
         return (pos + torch.stack([k // K, k % K], 1) - MOVE).clamp(0, 63)
+
+    def imagine(self, z, z_last, pos, pos_last, a, tau=1.0, level="sample"):
+        """One dreamt step from (z, z_last, pos, pos_last) under actions a (N,) -> this step's win and death logits
+        (N,) each, the next z (N,Z) and the frog's next centre (N,2); tau 0 with level "mean": the likeliest step."""
+        logits, win, death = self(z, z_last, pos, pos_last, a)
+        dist = self.z_dist(z, z_last, a)  # the level's next z: the Gaussian's mean, or sampled at tau (Ha's)
+        return win, death, dist[0] if level == "mean" else self.grid.sample(dist, tau), self.step(pos, logits, tau)
 
     def risk(self, z, z_last, pos, pos_last, a, lookahead=0):
         """C's m (N,): the death logit of action a now, or with lookahead L the logit of P(the frog dies within L
@@ -143,9 +144,9 @@ class FrogModel(nn.Module):
         alive, dead = torch.ones(len(z)), torch.zeros(len(z))
         for t in range(lookahead):
             act = a if t == 0 else torch.full_like(a, NONE)
-            logits, _, death = self(z, z_last, pos, pos_last, act)
+            _, death, z_next, pos_next = self.imagine(z, z_last, pos, pos_last, act, 0, "mean")
             dead, alive = dead + alive * torch.sigmoid(death), alive * torch.sigmoid(-death)
-            z_last, z, pos_last, pos = z, self.z_dist(z, z_last, act)[0], pos, self.step(pos, logits, 0)
+            z_last, z, pos_last, pos = z, z_next, pos, pos_next
         return torch.logit(dead.clamp(1e-6, 1 - 1e-6))
 
     def hop(self, z, z_last, a, lookahead=0):
@@ -210,12 +211,11 @@ def frog_dream(model, mdn, policy, z0, tau=1.0, max_steps=MAX_STEPS, level="samp
         zi, zli, pi, pli = z[idx], z_last[idx], pos[idx], pos_last[idx]
         up = torch.full((len(idx),), UP)
         a = policy(zi, h, mdn.hop(zi, zli, up) if death == "hop" else model(zi, zli, pi, pli, up)[2], idx)  # (n,)
-        logits, win, dies = model(zi, zli, pi, pli, a)
+        win, dies, z[idx], pos[idx] = model.imagine(zi, zli, pi, pli, a, tau, level)
+        z_last[idx], pos_last[idx] = zi, pi
         if death == "hop":  # a move starts where the frog is at rest (mid-hop the game ignores the action)
             starts = (a != NONE) & ((pi - pli).abs().sum(1) < 0.5)
             dies = torch.where(starts, mdn.hop(zi, zli, a), torch.full_like(dies, -30.0))  # elsewhere never
-        z_last[idx], z[idx] = zi, model.next_z(zi, zli, a, tau, level)
-        pos_last[idx], pos[idx] = pi, model.step(pi, logits, tau)
         if sharp_heads:  # M's hop head is sampled as it is
             win, dies = win / tau, dies / tau if death == "step" else dies
         return zi, a, win, dies
@@ -229,9 +229,8 @@ def frog_frames(model, vae, tau, level="sample"):
         z, z_last, pos = z0, z0, model.locate(z0)
         zs, places, pos_last = [z], [pos], pos
         for a in actions:
-            logits = model(z, z_last, pos, pos_last, a)[0]
-            z_last, z = z, model.next_z(z, z_last, a, tau, level)
-            pos_last, pos = pos, model.step(pos, logits, tau)
+            _, _, z_next, pos_next = model.imagine(z, z_last, pos, pos_last, a, tau, level)
+            z_last, z, pos_last, pos = z, z_next, pos, pos_next
             zs.append(z), places.append(pos)
         img = decode(vae, torch.stack(zs, 1).flatten(0, 1))  # (n*T,64,64,3)
         for frame, (y, x) in zip(img, torch.stack(places, 1).flatten(0, 1).round().long().tolist()):  # (n*T,2)
