@@ -1087,7 +1087,7 @@ def test_frog_dream_probe_moves_one_frog_and_plays_the_toy_game(tmp_path, capsys
         def forward(self, z, z_last, a):
             return torch.where(a == 0, 30.0, -30.0)
     mdn.hop = LeftKills()
-    for kind in ({}, dict(level="mean", sharp_heads=True), dict(level="mean", death="hop")):
+    for kind in ({}, dict(level="mean"), dict(level="mean", death="hop")):
         ends = {a: probe.frog_dream(model, mdn, lambda z, h, up, idx: torch.full((len(idx),), a), z0.view(16, 64),
                                     0.01, 40, **kind) for a in (collect.UP, collect.NONE, 0)}
         assert (ends[collect.UP][0] == 10).float().mean() >= 0.9 and ends[collect.UP][1].float().mean() < 20
@@ -1115,6 +1115,8 @@ def test_frog_dream_probe_moves_one_frog_and_plays_the_toy_game(tmp_path, capsys
     assert set(res["constant"]) == set(collect.ACTION_NAMES) and res["search"]["episodes"] == 4
     strip = imageio.imread(tmp_path / "s.png")  # 4 levels: the real game above the dream, 25 frames each
     assert strip.shape == (8 * 64, 25 * 64, 3) and (strip[64:128] == (255, 0, 255)).all(-1).sum() >= 25 * 9
+    assert {k: len(v) for k, v in res["hop_course"].items()} == {"real": 8, "dreamt": 8}  # a hop: 8 steps each
+    assert res["hop_course"]["real"][3] > 5  # the real frog rises ~7 pixels in a hop (found by its colour)
     assert set(res["hop_auc"]) == {0, 6, 12}  # the death logit and its lookaheads; nan: no UP ended both ways
     assert all(0 <= x <= 1 or math.isnan(x) for x in res["hop_auc"].values())
     out = capsys.readouterr().out

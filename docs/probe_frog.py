@@ -6,8 +6,8 @@ sprite there. This probe finds the frog by its colour (a cheat only a probe may 
 V), pools it onto V's 8x8 grid as one more channel, and trains three hop heads as M's stage trains its own (every
 move of hop-then-wait play on levels of seed --seed, half of them mirrored; every --holdout-th env held out) on:
 V's z, V's z plus the frog channel, and the frog channel alone. Printed: each head's AUC on the held-out envs' UPs
-after every epoch. If z plus the frog comes near D, what V loses is the frog. frog_of and frog_steps find the frog's
-centre the same way for docs/probe_frog_dream.py's labels.
+after every epoch. If z plus the frog comes near D, what V loses is the frog. frog_of, frog_steps and frog_course
+find the frog's centre the same way for docs/probe_frog_dream.py; imagined and frog_frames play and draw its dream.
 
     python docs/probe_frog.py --vae pretrained/hard/vae.pt --distribution-mode hard
 """
@@ -22,8 +22,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo's modules
-from collect import check_flags, cli, fail, list_episodes, load_episode  # noqa: E402
+from collect import ACTIONS, check_flags, cli, fail, list_episodes, load_episode, make_env  # noqa: E402
 from danger import HopHead, hop_auc, hop_envs, hop_epoch, hop_latents  # noqa: E402
+from evaluate import decode  # noqa: E402
 from vae import load_vae  # noqa: E402
 
 FROG_LO, FROG_HI = (130, 170, -1), (190, 256, 90)  # RGB bounds (exclusive) of the frog's green in both modes; the
@@ -67,6 +68,42 @@ def frog_steps(run, holdout=20):
         col["pos_last"].append(torch.cat([pos[:1], pos[:-1]]))  # (T,2)
         col["pos_next"].append(torch.cat([pos[1:], pos[-1:]]))  # (T,2)
     return [{k: torch.cat(v) for k, v in c.items()} for c in cols]
+
+
+def frog_course(distribution_mode, actions, seed):
+    """The frog's centre (n,T+1,2) in the real game, from the first frames of n levels of seed's stream, under the
+    action indices [(n,)] * T. CRUCIAL: a level that ends restarts, and its frog is back at the bottom."""
+    env = make_env(len(actions[0]), distribution_mode, seed=seed)
+    frames = [env.observe()[1]["rgb"]]  # [(n,64,64,3)]
+    for a in actions:
+        env.act(np.asarray(ACTIONS)[np.asarray(a)])
+        frames.append(env.observe()[1]["rgb"])
+    return torch.from_numpy(np.stack([frog_of(f) for f in np.stack(frames, 1)]))  # (n,T+1,64,64,3) -> (n,T+1,2)
+
+
+@torch.no_grad()
+def imagined(model, z0, actions, tau=1.0, level="sample"):
+    """The frog model's dream from V's z0 (n,Z) under the action indices [(n,)] * T -> the level's z (n,T+1,Z) and
+    the frog's centre (n,T+1,2), which starts where the locator finds it."""
+    z, z_last, pos = z0, z0, model.locate(z0)
+    zs, places, pos_last = [z], [pos], pos
+    for a in actions:
+        _, _, z_next, pos_next = model.imagine(z, z_last, pos, pos_last, a, tau, level)
+        z_last, z, pos_last, pos = z, z_next, pos, pos_next
+        zs.append(z), places.append(pos)
+    return torch.stack(zs, 1), torch.stack(places, 1)
+
+
+def frog_frames(model, vae, tau, level="sample"):
+    """write_strip's dream_frames for the frog model: V's decoding of the dreamt level at tau, the dreamt frog painted
+    on it as a magenta 3x3 square (V's own drawing of the frog comes from the level's z and may disagree)."""
+    def frames(z0, actions):
+        zs, places = imagined(model, z0, actions, tau, level)  # (n,T+1,Z), (n,T+1,2)
+        img = decode(vae, zs.flatten(0, 1))  # (n*(T+1),64,64,3)
+        for frame, (y, x) in zip(img, places.flatten(0, 1).round().long().tolist()):  # (n*(T+1),2)
+            frame[max(y - 1, 0):y + 2, max(x - 1, 0):x + 2] = (255, 0, 255)
+        return img.reshape(len(z0), -1, 64, 64, 3)  # (n,T+1,64,64,3)
+    return frames
 
 
 def frog_cells(x):

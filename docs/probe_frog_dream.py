@@ -1,18 +1,16 @@
 """Probe: the frog as an object of the dream. Does a world model that carries the frog's place as a variable of its
 own dream a game where UP matters, and does C learn in it?
 
-On V's grid alone the dreamt frog blurs, smears or splits, and NONE wins more dreams than UP (docs/experiments.md,
-sixteenth round). Here the dream's state is V's z (the level, moved by probe_grid_dream's Gaussian conv transition)
-plus the frog's centre (y, x) in pixels. The frog model (3x3 convs on V's grid, each cell also told the frog's offset
-from its centre, its last move and the action) gives the frog's next move as one of 9 x 9 moves of -4..4 pixels (one
-sharp frog) and the logits of "this step wins" and "this step kills". The frog's first place comes from V: a locator
-head on V's z, taught by the frog's colour in the recorded frames (docs/probe_frog.py's cheat, for labels only).
---level mean moves the level by its mean (leaper's cars move the same way every time); --sharp-heads: the heads at tau
-too; --death hop: a dream frog dies only as a move starts, by M's hop head (also C's m then, in dream and game).
-
-Printed: the locator's held-out error, the move accuracy and AUCs, with --hop-steps the AUC on hop-then-wait UPs,
-dreams under constant actions (in the game NONE never wins, UP wins a third), and with --generations N, C (on
-[z, h, m]) searched by CMA-ES in this dream and taken to the real game (dream_bench.search_c).
+On V's grid alone the dreamt frog blurs, smears or splits (docs/experiments.md, sixteenth round). Here the dream's
+state is V's z (the level, moved by probe_grid_dream's Gaussian conv transition) plus the frog's centre (y, x) in
+pixels. The frog model (3x3 convs on V's grid, each cell also told the frog's offset from its centre, its last move
+and the action) gives the frog's next move as one of 9 x 9 moves of -4..4 pixels (one sharp frog) and the logits of
+"this step wins" and "this step kills". The frog's first place comes from V: a locator head on V's z, taught by the
+frog's colour in the recorded frames (docs/probe_frog.py's cheat, for labels only). --level mean moves the level by
+its mean (leaper's cars move the same way every time); --death hop: a dream frog dies only as a move starts, by M's
+hop head (C's m then, in dream and game). Printed: held-out accuracies and AUCs, with --hop-steps the AUC on
+hop-then-wait UPs, dreams under constant actions (in the game NONE never wins, UP wins a third), a hop real and
+dreamt, and with --generations N, C (on [z, h, m]) searched by CMA-ES in this dream and taken to the real game.
 
     python docs/probe_frog_dream.py --run runs --level mean --death hop --tau 0.3 --generations 30
 """
@@ -30,10 +28,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # and the probes beside it
 from collect import MAX_STEPS, NONE, UP, check_flags, cli, fail  # noqa: E402
 from danger import auc, hop_envs, hop_latents  # noqa: E402
-from dream_bench import constant_table, dream_loop, fit, search_c, write_strip  # noqa: E402
-from evaluate import decode  # noqa: E402
+from dream_bench import constant_table, dream_loop, first_z, fit, search_c, write_strip  # noqa: E402
 from mdnrnn import load_mdnrnn  # noqa: E402
-from probe_frog import frog_steps  # noqa: E402
+from probe_frog import frog_course, frog_frames, frog_steps, imagined  # noqa: E402
 from probe_grid_dream import GridModel, steps_of  # noqa: E402
 from vae import load_checkpoint, load_vae, save_atomic  # noqa: E402
 
@@ -56,7 +53,6 @@ class ProbeConfig:
     tau: float = 1.0  # the dream's temperature: the level's Gaussian spread * sqrt(tau), the frog's logits / tau
     level: Literal["sample", "mean"] = "sample"  # the dreamt level's next z: sampled at tau (Ha's) or the Gaussian's
     # mean (leaper's cars and logs move the same way every time: only the frog's fate is uncertain)
-    sharp_heads: bool = False  # the win and death logits / tau too: a dream frog dies only where the model is sure
     death: Literal["step", "hop"] = "step"  # what kills a dream frog: the frog model's death head at every step, or
     # M's hop head (the run's mdnrnn.pt) when a move starts, and C's m is that head's logit of UP in dream and game
     hop_steps: int = 0  # > 0: env steps of hop-then-wait play on new levels; the death logit's AUC on its UPs (M's too)
@@ -155,20 +151,21 @@ class FrogModel(nn.Module):
 
 
 def losses(model, D, i, unroll):
-    """Mean loss of windows starting at steps i (B,), unroll steps each, fed the model's own predictions after the
-    first: the level's mean (with its gradient), the frog's sampled move."""
+    """Mean loss of windows from steps i (B,), unroll steps each: the level fed its own mean after the first (with its
+    gradient), the frog its true place (teacher forcing). CRUCIAL: fed its own samples, the dreamt frog hopped 3 pixels
+    and back, not 7 (probably steering to the frog V draws in z, which the dreamt level leaves behind; 18th round)."""
     z, z_last, pos, pos_last = D["z"][i], D["z_last"][i], D["pos"][i], D["pos_last"][i]
     total = model.locate(D["z"][i], D["pos"][i])
     for j in range(unroll):
         a, has_next = D["a"][i + j], D["has_next"][i + j]
         dist = model.z_dist(z, z_last, a)
         logits, win, death = model(z, z_last, pos, pos_last, a)
-        target = move_class(D["pos_next"][i + j] - pos)  # where the frog really went, from where the model has it
+        target = move_class(D["pos_next"][i + j] - pos)  # (B,) where the frog went
         total = total + ((model.grid.nll(dist, D["z_next"][i + j]).sum(-1) * has_next).mean()
                          + (F.cross_entropy(logits, target, reduction="none") * has_next).mean()
                          + F.binary_cross_entropy_with_logits(win, D["win"][i + j])
                          + F.binary_cross_entropy_with_logits(death, D["death"][i + j])) / unroll
-        z_last, z, pos_last, pos = z, dist[0], pos, model.step(pos, logits.detach())
+        z_last, z, pos_last, pos = z, dist[0], pos, D["pos_next"][i + j]
     return total
 
 
@@ -200,12 +197,11 @@ def train_frog(cfg):
 
 
 @torch.no_grad()
-def frog_dream(model, mdn, policy, z0, tau=1.0, max_steps=MAX_STEPS, level="sample", sharp_heads=False, death="step"):
+def frog_dream(model, mdn, policy, z0, tau=1.0, max_steps=MAX_STEPS, level="sample", death="step"):
     """The frog model's dream (dream_bench's kind): policy(z (n,Z), h (n,H), the death logit of UP (n,), idx (n,))
     -> action indices (n,); the frog starts where the locator finds it in z0. -> returns (N,), lengths (N,)."""
-    z, z_last = z0.clone(), z0.clone()  # (N,Z) each; the first step has no earlier frame: z0 stands in
-    pos = model.locate(z0)
-    pos_last = pos.clone()  # (N,2) each
+    pos = model.locate(z0)  # (N,2); the first step has no earlier frame: z0 and pos stand in
+    z, z_last, pos_last = z0.clone(), z0.clone(), pos.clone()
 
     def step(idx, h):
         zi, zli, pi, pli = z[idx], z_last[idx], pos[idx], pos_last[idx]
@@ -216,27 +212,8 @@ def frog_dream(model, mdn, policy, z0, tau=1.0, max_steps=MAX_STEPS, level="samp
         if death == "hop":  # a move starts where the frog is at rest (mid-hop the game ignores the action)
             starts = (a != NONE) & ((pi - pli).abs().sum(1) < 0.5)
             dies = torch.where(starts, mdn.hop(zi, zli, a), torch.full_like(dies, -30.0))  # elsewhere never
-        if sharp_heads:  # M's hop head is sampled as it is
-            win, dies = win / tau, dies / tau if death == "step" else dies
         return zi, a, win, dies
     return dream_loop(step, mdn, len(z0), max_steps)
-
-
-def frog_frames(model, vae, tau, level="sample"):
-    """write_strip's dream_frames for the frog model: V's decoding of the dreamt level at tau, the dreamt frog painted
-    on it as a magenta 3x3 square (V's own drawing of the frog comes from the level's z and may disagree)."""
-    def frames(z0, actions):
-        z, z_last, pos = z0, z0, model.locate(z0)
-        zs, places, pos_last = [z], [pos], pos
-        for a in actions:
-            _, _, z_next, pos_next = model.imagine(z, z_last, pos, pos_last, a, tau, level)
-            z_last, z, pos_last, pos = z, z_next, pos, pos_next
-            zs.append(z), places.append(pos)
-        img = decode(vae, torch.stack(zs, 1).flatten(0, 1))  # (n*T,64,64,3)
-        for frame, (y, x) in zip(img, torch.stack(places, 1).flatten(0, 1).round().long().tolist()):  # (n*T,2)
-            frame[max(y - 1, 0):y + 2, max(x - 1, 0):x + 2] = (255, 0, 255)
-        return img.reshape(len(z0), -1, 64, 64, 3)  # (n,T,64,64,3)
-    return frames
 
 
 class Located(nn.Module):
@@ -285,8 +262,14 @@ def main(cfg):
             m_auc = auc(mdn.hop(*x).numpy(), died) if mdn.hop is not None else float("nan")
         print(f"hop-then-wait UPs of new levels ({len(up)}): AUC of the frog model's death logit, its 6- and 12-step "
               f"lookahead {' / '.join(f'{v:.3f}' for v in res['hop_auc'].values())}; M's hop head {m_auc:.3f}")
-    dream = functools.partial(frog_dream, level=cfg.level, sharp_heads=cfg.sharp_heads, death=cfg.death)
+    dream = functools.partial(frog_dream, level=cfg.level, death=cfg.death)
     res["constant"] = constant_table(dream, model, mdn, vae, cfg)
+    hop = [torch.full((cfg.episodes,), UP if t == 0 else NONE) for t in range(8)]  # one hop, then waiting
+    res["hop_course"] = {k: (y[:, :1, 0] - y[:, 1:, 0]).median(0).values.tolist() for k, y in (  # (T,) each
+        ("real", frog_course(cfg.distribution_mode, hop, 1_000_003)),
+        ("dreamt", imagined(model, first_z(vae, cfg.episodes, cfg, 1_000_003), hop, cfg.tau, cfg.level)[1]))}
+    print("UP from held-out first frames, then NONE: the frog's median rise in pixels at each step, " + "; ".join(
+        f"{k} {' '.join(f'{v:.1f}' for v in rise)}" for k, rise in res["hop_course"].items()))
     if cfg.strip:
         write_strip(vae, cfg, cfg.strip, frog_frames(model, vae, cfg.tau, cfg.level))
     if cfg.generations:
