@@ -152,8 +152,8 @@ class FrogModel(nn.Module):
 
 def losses(model, D, i, unroll):
     """Mean loss of windows from steps i (B,), unroll steps each: the level fed its own mean after the first (with its
-    gradient), the frog its true place (teacher forcing). CRUCIAL: fed its own samples, the dreamt frog hopped 3 pixels
-    and back, not 7 (probably steering to the frog V draws in z, which the dreamt level leaves behind; 18th round)."""
+    gradient), the frog its true place (teacher forcing). CRUCIAL: fed its own samples, the dreamt frog rose 6 pixels,
+    then fell back to 2 (real: 7; probably steering to the frog V draws in z, left behind by the dreamt level)."""
     z, z_last, pos, pos_last = D["z"][i], D["z_last"][i], D["pos"][i], D["pos_last"][i]
     total = model.locate(D["z"][i], D["pos"][i])
     for j in range(unroll):
