@@ -63,13 +63,9 @@ def write_strip(vae, cfg, path, dream_frames, n=4, steps=24, every=6):
     """Rows of frames: for each of n held-out levels, the real game under UP every `every` steps (NONE between) above
     dream_frames(V's z of its first frame (n,Z), the actions [(n,)] * steps) -> its frames (n,steps+1,64,64,3)."""
     import imageio.v2 as imageio
-    env, rows = make_env(n, cfg.distribution_mode, seed=1_000_003), []
-    real, z0 = [env.observe()[1]["rgb"]], first_z(vae, n, cfg, 1_000_003)  # (n,64,64,3), (n,Z)
-    actions = [torch.full((n,), UP if t % every == 0 else NONE) for t in range(steps)]
-    for a in actions:
-        env.act(np.asarray(ACTIONS)[a.numpy()])
-        real.append(env.observe()[1]["rgb"])  # CRUCIAL: a level that ended restarts; its row shows the next level
-    real, dream = np.stack(real, 1), dream_frames(z0, actions)  # (n,T,64,64,3) each
+    actions, rows = [torch.full((n,), UP if t % every == 0 else NONE) for t in range(steps)], []
+    real = real_frames(cfg.distribution_mode, actions, 1_000_003)  # (n,T+1,64,64,3)
+    dream = dream_frames(first_z(vae, n, cfg, 1_000_003), actions)  # (n,T+1,64,64,3)
     for i in range(n):
         rows += [np.concatenate(real[i], 1), np.concatenate(dream[i], 1)]  # (64,T*64,3) each
     imageio.imwrite(path, np.concatenate(rows, 0))
@@ -93,6 +89,17 @@ def dream_loop(step, mdn, n, max_steps=MAX_STEPS):
         if not alive.any():
             break
     return ret, length
+
+
+def real_frames(distribution_mode, actions, seed):
+    """The real game's frames (n,T+1,64,64,3) from the first frames of n levels of seed's stream, under the action
+    indices [(n,)] * T. CRUCIAL: a level that ends restarts; its frames go on with the next level."""
+    env = make_env(len(actions[0]), distribution_mode, seed=seed)
+    frames = [env.observe()[1]["rgb"]]  # [(n,64,64,3)]
+    for a in actions:
+        env.act(np.asarray(ACTIONS)[np.asarray(a)])
+        frames.append(env.observe()[1]["rgb"])
+    return np.stack(frames, 1)
 
 
 def first_z(vae, n, cfg, seed):

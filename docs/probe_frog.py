@@ -22,8 +22,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo's modules
-from collect import ACTIONS, check_flags, cli, fail, list_episodes, load_episode, make_env  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # and the probes beside it
+from collect import check_flags, cli, fail, list_episodes, load_episode  # noqa: E402
 from danger import HopHead, hop_auc, hop_envs, hop_epoch, hop_latents  # noqa: E402
+from dream_bench import real_frames  # noqa: E402
 from evaluate import decode  # noqa: E402
 from vae import load_vae  # noqa: E402
 
@@ -71,14 +73,9 @@ def frog_steps(run, holdout=20):
 
 
 def frog_course(distribution_mode, actions, seed):
-    """The frog's centre (n,T+1,2) in the real game, from the first frames of n levels of seed's stream, under the
-    action indices [(n,)] * T. CRUCIAL: a level that ends restarts, and its frog is back at the bottom."""
-    env = make_env(len(actions[0]), distribution_mode, seed=seed)
-    frames = [env.observe()[1]["rgb"]]  # [(n,64,64,3)]
-    for a in actions:
-        env.act(np.asarray(ACTIONS)[np.asarray(a)])
-        frames.append(env.observe()[1]["rgb"])
-    return torch.from_numpy(np.stack([frog_of(f) for f in np.stack(frames, 1)]))  # (n,T+1,64,64,3) -> (n,T+1,2)
+    """The frog's centre (n,T+1,2) in the real game (dream_bench.real_frames). CRUCIAL: a level that ends restarts,
+    and its frog is back at the bottom."""
+    return torch.from_numpy(np.stack([frog_of(f) for f in real_frames(distribution_mode, actions, seed)]))
 
 
 @torch.no_grad()
