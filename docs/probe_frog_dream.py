@@ -210,8 +210,10 @@ def frog_dream(model, mdn, policy, z0, tau=1.0, max_steps=MAX_STEPS, level="samp
         win, dies, z[idx], pos[idx] = model.imagine(zi, zli, pi, pli, a, tau, level)
         z_last[idx], pos_last[idx] = zi, pi
         if death == "hop":  # a move starts where the frog is at rest (mid-hop the game ignores the action)
-            starts = (a != NONE) & ((pi - pli).abs().sum(1) < 0.5)
-            dies = torch.where(starts, mdn.hop(zi, zli, a), torch.full_like(dies, -30.0))  # elsewhere never
+            starts = ((a != NONE) & ((pi - pli).abs().sum(1) < 0.5)).nonzero()[:, 0]  # (s,)
+            dies = torch.full_like(dies, -30.0)  # elsewhere never; M's hop head runs only where a move starts
+            if len(starts):
+                dies[starts] = mdn.hop(zi[starts], zli[starts], a[starts])
         return zi, a, win, dies
     return dream_loop(step, mdn, len(z0), max_steps)
 
