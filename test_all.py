@@ -187,6 +187,14 @@ def test_vae_loss_is_summed_per_frame_and_averaged_over_batch():
     assert torch.isclose(big, rec + 3.0, rtol=1e-5)
 
 
+def test_pixel_weight_is_one_on_the_background_and_adds_fg_weight_per_foreground_unit():
+    fg = np.zeros((2, 64, 64), np.uint8)
+    fg[0, 3, 4], fg[1, 5, 6] = collect.FG_UNIT, 2 * collect.FG_UNIT  # a plain foreground pixel; one of a rare colour
+    w = vae.pixel_weight(fg, 10.0, collect.FG_UNIT)
+    assert w.shape == (2, 1, 64, 64) and w[0, 0, 3, 4] == 11 and w[1, 0, 5, 6] == 21
+    assert w.sum() == 2 * 64 * 64 + 10 + 20  # every other pixel weighs 1
+
+
 def test_tiny_vae_overfits_a_few_frames(tmp_path):
     collect_quiet(tmp_path, episodes=1, num_envs=1)
     frames = collect.load_episode(str(tmp_path / "episode_000000.npz"))["obs"][:8]

@@ -14,7 +14,6 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Literal
@@ -28,7 +27,7 @@ from tqdm import tqdm
 ReLU = partial(nn.ReLU, inplace=True)  # in place: the same numbers, ~15% faster here (no new tensor per layer)
 
 
-@dataclass
+@dataclasses.dataclass
 class VAEConfig:
     data: str = "runs/data"  # directory of episode .npz files with an `obs` array (T,64,64,3) uint8
     out: str = "runs/vae.pt"  # checkpoint; a PNG of reconstructions and a .jsonl log go beside it
@@ -118,6 +117,11 @@ def vae_loss(x, recon, mu, logvar, weight, beta, kl_tolerance):
     # Free bits as in Ha's code: the KL summed over the latent dims (here also averaged over the batch)
     # is not penalised below kl_tolerance * z_dim nats: a floor on the total, not on each dim.
     return rec + beta * kl.clamp(min=kl_tolerance * mu.shape[1]), rec, kl
+
+
+def pixel_weight(fg_weights, fg_weight, unit):
+    """load_frames' foreground weights uint8 (B,64,64) (unit: a plain foreground pixel) -> vae_loss's (B,1,64,64)."""
+    return 1 + fg_weight * torch.as_tensor(fg_weights).unsqueeze(1).float() / unit
 
 
 @torch.no_grad()
@@ -262,8 +266,7 @@ def train(cfg):
         for i in tqdm(range(0, len(perm), cfg.batch_size), desc=f"V epoch {epoch + 1}/{cfg.epochs}", unit="batch",
                       disable=None):  # disable=None: a bar on a terminal, none in a log file
             frames, fg_weights = rows(perm[i:i + cfg.batch_size])
-            x = to_input(frames).to(dev)  # (B,3,64,64)
-            weight = 1 + cfg.fg_weight * torch.from_numpy(fg_weights).unsqueeze(1).float().to(dev) / FG_UNIT  # (B,1,64,64)
+            x, weight = to_input(frames).to(dev), pixel_weight(fg_weights, cfg.fg_weight, FG_UNIT).to(dev)  # (B,3|1,..)
             beta = cfg.beta * (1.0 if init else min(1.0, step / max(cfg.beta_warmup, 1)))  # a fine-tune: no warm-up
             recon, mu, logvar = model(x)
             loss, rec, kl = vae_loss(x, recon, mu, logvar, weight, beta, cfg.kl_tolerance)

@@ -27,7 +27,7 @@ from controller import Agent, input_sizes  # noqa: E402
 from danger import MIRROR, HopHead, auc, hop_then_wait, start_point  # noqa: E402
 from evaluate import play  # noqa: E402
 from mdnrnn import MDNRNN  # noqa: E402
-from vae import evaluate, load_vae, to_input, vae_loss  # noqa: E402
+from vae import evaluate, load_vae, pixel_weight, to_input, vae_loss  # noqa: E402
 
 
 @dataclass
@@ -74,7 +74,7 @@ def main(cfg):
         frames, fg_weights = rows(rng.choice(train_idx, 64))  # V's own loss, as vae.py trains it (fg weight 10)
         x = to_input(frames)
         recon, mu, logvar = vae(x)
-        elbo = vae_loss(x, recon, mu, logvar, 1 + 10 * torch.from_numpy(fg_weights)[:, None].float() / FG_UNIT, 1.0, 0.5)[0]
+        elbo = vae_loss(x, recon, mu, logvar, pixel_weight(fg_weights, 10, FG_UNIT), 1.0, 0.5)[0]
         b, m = rng.choice(len(y), 64), rng.random(64) < 0.5  # 64 moves, half of them seen in a mirror
         xb, a = X[b], X[b, 0, 0, 6]  # (64,64,64,7), (64,)
         xb, a = np.where(m[:, None, None, None], xb[:, :, ::-1], xb), np.where(m, MIRROR.numpy()[a], a)  # LEFT<->RIGHT
