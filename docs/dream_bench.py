@@ -107,10 +107,10 @@ def first_z(vae, n, cfg, seed):
     return vae.encode(to_input(make_env(n, cfg.distribution_mode, seed=int(seed)).observe()[1]["rgb"]))[0]
 
 
-def constant_table(dream, model, mdn, vae, cfg):
-    """cfg.episodes dreams (the model's, played by dream) per constant action from held-out levels' first frames."""
+def constant_table(dream, model, mdn, z0, cfg):
+    """Dreams (the model's, played by dream) from z0 (E,Z), V's z of held-out first frames, per constant action."""
     torch.manual_seed(cfg.seed)
-    z0, table = first_z(vae, cfg.episodes, cfg, 1_000_003), {}  # (E,Z)
+    table = {}
     print(f"{cfg.episodes} dreams per constant action at tau {cfg.tau}, from held-out first frames:")
     for a, name in enumerate(ACTION_NAMES):
         ret, length = dream(model, mdn, lambda z, h, up, idx: torch.full((len(idx),), a), z0, cfg.tau)
@@ -162,7 +162,7 @@ def m_dream(model, mdn, policy, z0, tau=1.0, max_steps=MAX_STEPS):
 
 def main(cfg):
     vae, mdn = load_vae(os.path.join(cfg.run, "vae.pt")), load_mdnrnn(os.path.join(cfg.run, "mdnrnn.pt"))
-    return constant_table(m_dream, mdn, mdn, vae, cfg)
+    return constant_table(m_dream, mdn, mdn, first_z(vae, cfg.episodes, cfg, 1_000_003), cfg)
 
 
 if __name__ == "__main__":

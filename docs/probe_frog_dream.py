@@ -14,10 +14,10 @@ dreamt, and with --generations N, C (on [z, h, m]) searched by CMA-ES in this dr
 
     python docs/probe_frog_dream.py --run runs --level mean --death hop --tau 0.3 --generations 30
 """
+import dataclasses
 import functools
 import os
 import sys
-from dataclasses import asdict, dataclass
 from typing import Literal
 
 import torch
@@ -41,7 +41,7 @@ CENTRES = torch.stack(torch.meshgrid(torch.arange(8) * 8 + 3.5, torch.arange(8) 
                       ).view(64, 2)  # (64,2) the (y, x) centre of each of V's 8x8-pixel cells, in V's cell order
 
 
-@dataclass
+@dataclasses.dataclass
 class ProbeConfig:
     run: str = "runs"  # directory holding data/ (the frames), vae.pt, mdnrnn.pt (C's h) and latents/
     distribution_mode: Literal["easy", "hard"] = "easy"  # procgen difficulty (the run's)
@@ -66,11 +66,12 @@ class ProbeConfig:
     model: str = ""  # a .pt of the frog model: loaded if it exists (training skipped), else written after training
     strip: str = ""  # a PNG to write: 4 dreams (V's picture, the dreamt frog in magenta) beside the real game's frames
     seed: int = 0  # seeds the models' training, the dreams and CMA-ES
+    search_seed: int = -1  # >= 0: seeds C's search (its dreams and CMA-ES) apart from the frog model (-1: --seed)
 
     def __post_init__(self):
         check_flags(self, at_least=dict(steps=1, unroll=1, batch=1, width=2, death_steps=1, hop_steps=0, episodes=1,
-                                        generations=0, popsize=2, dream_episodes=1, max_steps=1, check_levels=1,
-                                        test_episodes=1), above=dict(tau=0))
+                                        generations=0, search_seed=-1, popsize=2, dream_episodes=1, max_steps=1,
+                                        check_levels=1, test_episodes=1), above=dict(tau=0))
 
 
 def move_class(delta):
@@ -243,7 +244,7 @@ def trained(cfg, z_dim):
         return model.eval(), dict(ckpt["held_out"])
     model, row = train_frog(cfg)
     if cfg.model:
-        save_atomic(dict(model=model.state_dict(), config=asdict(cfg), held_out=row), cfg.model)
+        save_atomic(dict(model=model.state_dict(), config=dataclasses.asdict(cfg), held_out=row), cfg.model)
     return model, row
 
 
@@ -265,16 +266,20 @@ def main(cfg):
         print(f"hop-then-wait UPs of new levels ({len(up)}): AUC of the frog model's death logit, its 6- and 12-step "
               f"lookahead {' / '.join(f'{v:.3f}' for v in res['hop_auc'].values())}; M's hop head {m_auc:.3f}")
     dream = functools.partial(frog_dream, level=cfg.level, death=cfg.death)
-    res["constant"] = constant_table(dream, model, mdn, vae, cfg)
+    z_held = first_z(vae, cfg.episodes, cfg, 1_000_003)  # (E,Z) V's z of held-out first frames: the dreams start there
+    res["constant"] = constant_table(dream, model, mdn, z_held, cfg)
     hop = [torch.full((cfg.episodes,), UP if t == 0 else NONE) for t in range(8)]  # one hop, then waiting
     res["hop_course"] = {k: (y[:, :1, 0] - y[:, 1:, 0]).median(0).values.tolist() for k, y in (  # (T,) each
         ("real", frog_course(cfg.distribution_mode, hop, 1_000_003)),
-        ("dreamt", imagined(model, first_z(vae, cfg.episodes, cfg, 1_000_003), hop, cfg.tau, cfg.level)[1]))}
+        ("dreamt", imagined(model, z_held, hop, cfg.tau, cfg.level)[1]))}
     print("UP from held-out first frames, then NONE: the frog's median rise in pixels at each step, " + "; ".join(
         f"{k} {' '.join(f'{v:.1f}' for v in rise)}" for k, rise in res["hop_course"].items()))
     if cfg.strip:
         write_strip(vae, cfg, cfg.strip, frog_frames(model, vae, cfg.tau, cfg.level))
     if cfg.generations:
+        if cfg.search_seed >= 0:  # one frog model, another search: which of the two does a seed's result owe to?
+            torch.manual_seed(cfg.search_seed)
+            cfg = dataclasses.replace(cfg, seed=cfg.search_seed)
         res["search"] = search_c(model, vae, mdn, cfg, dream, mdn.hop if cfg.death == "hop" else Located(model))
     return res
 

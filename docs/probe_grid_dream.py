@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # and the probe beside it (also when imported)
 from collect import MAX_STEPS, UP, check_flags, cli, fail  # noqa: E402
 from danger import HopHead, auc  # noqa: E402
-from dream_bench import constant_table, dream_loop, fit, search_c, write_strip  # noqa: E402
+from dream_bench import constant_table, dream_loop, first_z, fit, search_c, write_strip  # noqa: E402
 from evaluate import decode  # noqa: E402
 from mdnrnn import load_mdnrnn, read_latents  # noqa: E402
 from probe_code_dream import code_model  # noqa: E402
@@ -196,7 +196,7 @@ def main(cfg):
     if not vae.spatial:
         fail(f"{cfg.run}/vae.pt has a flat z; the grid model reads V's 8x8 grid (--spatial)")
     model, res = train_grid(cfg)
-    res["constant"] = constant_table(grid_dream, model, mdn, vae, cfg)
+    res["constant"] = constant_table(grid_dream, model, mdn, first_z(vae, cfg.episodes, cfg, 1_000_003), cfg)
     if cfg.strip:
         write_strip(vae, cfg, cfg.strip, grid_frames(model, vae, cfg.tau))
     if cfg.generations:
