@@ -660,6 +660,19 @@ def test_train_dream_defaults():
         train.parse_args(["--controller-env", "dream", "--inputs", "zhd", "--danger-steps", "100"])
 
 
+def test_train_no_d_preset_is_the_readme_command_and_flags_still_override():
+    import train
+    long = ["--inputs", "zhm", "--danger-steps", "0", "--z-dim", "256", "--colour-balance", "--vae-epochs", "7",
+            "--hop-steps", "1600000", "--start-threshold", "-1", "--generations", "5", "--out", "r"]
+    preset = train.parse_args(["--preset", "no-d", "--out", "r"])
+    assert dataclasses.replace(preset, preset="default") == train.parse_args(long)  # only the preset's name differs
+    assert train.parse_args(["--preset", "no-d"]).out == os.path.join("runs", "easy-no-d")
+    assert train.parse_args(["--preset", "no-d", "--generations", "2", "--colour-balance", "false"]).generations == 2
+    assert not train.parse_args(["--preset", "no-d", "--colour-balance", "false"]).colour_balance
+    with pytest.raises(SystemExit):  # the preset gives C M's hop head: asking for D's input without D is refused
+        train.parse_args(["--preset", "no-d", "--inputs", "zhd"])
+
+
 def test_cma_loop_improves_a_toy_objective():
     target = np.linspace(-1, 1, 20)
     es = cma.CMAEvolutionStrategy(np.zeros(20), 0.5, dict(popsize=12, seed=1, verbose=-9))

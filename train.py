@@ -5,7 +5,7 @@ test the agent on held-out levels next to the random and always-UP baselines.
 
     python train.py                                   # default preset, easy mode, runs/easy-default
     python train.py --preset tiny --out /tmp/tiny     # the whole pipeline in a few minutes
-    python train.py --inputs zhm --danger-steps 0     # no D: C reads M's hop head
+    python train.py --preset no-d                     # no D: C reads M's hop head, V z 256, 4x the hop play
     python train.py --distribution-mode hard --preset paper
     python train.py --iterations 2                    # Ha's iterative training: C plays, V, M and C learn again
 
@@ -35,7 +35,7 @@ import vae
 @dataclass
 class TrainConfig:
     out: str = ""  # run dir (default: runs/<distribution-mode>-<preset>)
-    preset: Literal["tiny", "default", "paper"] = "default"  # tiny (minutes), default (<= 30 min on 2 cores), paper
+    preset: Literal["tiny", "default", "no-d", "paper"] = "default"  # tiny (minutes), default and no-d (<= 30 min), paper
     distribution_mode: Literal["easy", "hard"] = "easy"  # procgen difficulty (the seed report used hard)
     seed: int = 0  # one seed for every stage
     episodes: int = 2000  # random rollouts collected for V and M
@@ -99,6 +99,8 @@ PRESETS = {
                  danger_epochs=1, hop_steps=4096, generations=2, popsize=4, levels=2, eval_every=1, eval_levels=4,
                  eval_episodes=64, death_steps=640),
     "default": {},
+    "no-d": dict(inputs="zhm", danger_steps=0, z_dim=256, colour_balance=True, vae_epochs=7, hop_steps=1_600_000,
+                 start_threshold=-1.0, generations=5),  # the world model without D (README: "The world model without D")
     "paper": dict(episodes=10000, z_dim=512, spatial=False, vae_epochs=10, hidden=1024, gaussians=16, mdn_epochs=45,
                   danger_steps=0, inputs="zh", generations=100, popsize=30, levels=30),
 }
