@@ -999,6 +999,8 @@ def test_grid_dream_probe_learns_a_toy_frog_game(tmp_path, capsys, one_torch_thr
     assert imageio.imread(tmp_path / "s.png").shape == (8 * 64, 25 * 64, 3)  # 4 levels: real above dreamt
     out = capsys.readouterr().out
     assert "C generation 1: dream mean" in out and "real validation wins" in out and "held out:" in out
+    s = res["search"]  # held-out episodes end in a win, a death within 5 steps of an UP or later, or the cap
+    assert s["win_rate"] + s["died_hopping"] + s["died_waiting"] + s["timeout"] == pytest.approx(1)
     bench = load_probe("dream_bench")  # run alone: the same table for M's own dream
     table = bench.main(bench.BenchConfig(run=str(run), episodes=4, tau=0.5))
     assert set(table) == set(collect.ACTION_NAMES)
@@ -1115,6 +1117,15 @@ def test_frog_dream_probe_moves_one_frog_and_plays_the_toy_game(tmp_path, capsys
         assert (ends[0][0] == 0).all() and ends[0][1].float().mean() < 3  # always-LEFT: dead within a few steps
         assert (ends[collect.NONE][1] == 40).float().mean() >= 0.9  # always-NONE: neither wins nor dies
     assert (ends[0][1] == 1).all()  # death="hop": the first LEFT, a move from rest, is sampled dead at once
+    class NoneKills(torch.nn.Module):  # a hop head by which waiting kills (p 0.9 within a wait), moving never
+        def forward(self, z, z_last, a):
+            return torch.where(a == collect.NONE, math.log(9), -30.0)
+    mdn.hop, p = NoneKills(), torch.tensor([0.01, 0.3, 0.9])  # "hop" never kills a waiting frog, "hop-wait" does
+    assert torch.allclose(1 - (1 - torch.sigmoid(probe.per_step(torch.logit(p)))) ** 8.5, p, atol=1e-5)  # 8.5 steps
+    for death in ("hop", "hop-wait"):
+        ret, length = probe.frog_dream(model, mdn, lambda z, h, up, idx: torch.full((len(idx),), collect.NONE),
+                                       z0.view(16, 64).repeat(8, 1), 0.01, 40, "mean", death)  # (128,) each
+        assert ((length == 40).float().mean() >= 0.9) if death == "hop" else (length.float().mean() < 20)
     assert "frog step 600" in capsys.readouterr().out
     loaded, loaded_row = probe.trained(dataclasses.replace(cfg, model=str(tmp_path / "frog.pt"), tau=0.5), 64)
     assert loaded_row == row and "frog step" not in capsys.readouterr().out  # loaded (tau: the dream's, not training's)
@@ -1122,17 +1133,22 @@ def test_frog_dream_probe_moves_one_frog_and_plays_the_toy_game(tmp_path, capsys
     assert torch.equal(loaded.hop(*x), model.hop(*x)) and torch.equal(loaded.hop(*x, 3), model.hop(*x, 3))
     left = torch.zeros(16, dtype=torch.long)  # imagined 3 steps ahead: LEFT kills, UP from the bottom row does not
     assert (model.hop(*x[:2], left, 3) > 2).all() and (model.hop(*x, 3) < -2).all()
-    with pytest.raises(SystemExit) as e:  # a file trained otherwise: one error line, the file kept
-        probe.trained(dataclasses.replace(cfg, model=str(tmp_path / "frog.pt"), steps=601), 64)
-    assert str(e.value).startswith(f"error: --model {tmp_path / 'frog.pt'} was trained with other flags")
+    for other in (dict(steps=601), dict(follow=True)):  # a file trained otherwise: one error line, the file kept
+        with pytest.raises(SystemExit) as e:
+            probe.trained(dataclasses.replace(cfg, model=str(tmp_path / "frog.pt"), **other), 64)
+        assert str(e.value).startswith(f"error: --model {tmp_path / 'frog.pt'} was trained with other flags")
     assert (tmp_path / "frog.pt").exists()
+    here, there = torch.full((16, 2), 59.5), torch.full((16, 2), 51.5)  # the frog stays, or goes a cell up
+    for m in (model, probe.FrogModel(64, 16, follow=True)):  # --follow: the level's next z reads where the frog goes
+        assert torch.equal(m.z_dist(*x, here, here)[0], m.z_dist(*x, here, there)[0]) != m.follow
     real = tmp_path / "real"  # a spatial V of z_dim 64 and an M on it, on real episodes: main's whole path
     collect_quiet(real / "data", episodes=24, num_envs=8)
     vae.train(VAEConfig(data=str(real / "data"), out=str(real / "vae.pt"), z_dim=64, spatial=True, epochs=1,
                         batch_size=64))
     mdnrnn.train(MDNConfig(data=str(real / "data"), vae=str(real / "vae.pt"), out=str(real / "mdnrnn.pt"),
                            latents=str(real / "latents"), hidden=8, gaussians=1, epochs=1, hop_steps=0))
-    res = probe.main(dataclasses.replace(cfg, run=str(real), steps=20, hop_steps=512, strip=str(tmp_path / "s.png")))
+    res = probe.main(dataclasses.replace(cfg, run=str(real), steps=20, hop_steps=512, strip=str(tmp_path / "s.png"),
+                                         inputs="hm"))  # C without z: its weights for h and m, and a bias
     assert set(res["constant"]) == set(collect.ACTION_NAMES) and res["search"]["episodes"] == 4
     strip = imageio.imread(tmp_path / "s.png")  # 4 levels: the real game above the dream, 25 frames each
     assert strip.shape == (8 * 64, 25 * 64, 3) and (strip[64:128] == (255, 0, 255)).all(-1).sum() >= 25 * 9
@@ -1142,6 +1158,8 @@ def test_frog_dream_probe_moves_one_frog_and_plays_the_toy_game(tmp_path, capsys
     assert all(0 <= x <= 1 or math.isnan(x) for x in res["hop_auc"].values())
     out = capsys.readouterr().out
     assert "C generation 1: dream mean" in out and "real validation wins" in out and "held out:" in out
+    s = res["search"]  # held-out episodes end in a win, a death within 5 steps of an UP or later, or the cap
+    assert s["win_rate"] + s["died_hopping"] + s["died_waiting"] + s["timeout"] == pytest.approx(1)
     assert "hop-then-wait UPs of new levels" in out
     with pytest.raises(SystemExit) as e:  # this M has no hop head to kill the dream's frog with
         probe.main(dataclasses.replace(cfg, run=str(real), death="hop"))

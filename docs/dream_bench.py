@@ -22,6 +22,7 @@ from collect import ACTIONS, ACTION_NAMES, MAX_STEPS, NONE, UP, check_flags, cli
 from controller import CConfig, Agent, choose, cma_generation, features, input_sizes, level_draw, make_search  # noqa
 from evaluate import Always, play, summarize  # noqa: E402
 from mdnrnn import dream, load_mdnrnn  # noqa: E402
+from probe_rules import Counting  # noqa: E402
 from vae import load_vae, to_input  # noqa: E402
 
 
@@ -121,18 +122,20 @@ def constant_table(dream, model, mdn, z0, cfg):
 
 
 def search_c(model, vae, mdn, cfg, dream, hop=None):
-    """C on [z, h, the death logit of UP] by CMA-ES from zero, fitness from dream(model, ...) only; the CMA mean plays
-    real validation levels every 5 generations (logged, never searched on). hop: C's m in the game (model.death)."""
-    ccfg = CConfig(inputs="zhm", popsize=cfg.popsize, danger_prior=0.0, seed=cfg.seed)
-    es, env_steps = make_search(ccfg, input_sizes("zhm", vae.z_dim, mdn.hidden)), 0
+    """C on [z, h, the death logit of UP] (or those of cfg.inputs) by CMA-ES from zero, fitness from dream(model, ...)
+    only; the CMA mean plays real validation levels every 5 generations (logged, never searched on). hop: C's m in
+    the game (model.death)."""
+    inputs = getattr(cfg, "inputs", "zhm")  # what C reads (docs/probe_frog_dream.py --inputs; the others: zhm)
+    ccfg = CConfig(inputs=inputs, popsize=cfg.popsize, danger_prior=0.0, seed=cfg.seed)
+    es, env_steps = make_search(ccfg, input_sizes(inputs, vae.z_dim, mdn.hidden)), 0
     mdn.hop = model.death if hop is None else hop  # controller.Agent reads C's m from M's hop head
-    agent = lambda w: Agent(vae, mdn, torch.as_tensor(w, dtype=torch.float32).view(len(ACTIONS), -1), "zhm",
+    agent = lambda w: Agent(vae, mdn, torch.as_tensor(w, dtype=torch.float32).view(len(ACTIONS), -1), inputs,
                             distribution_mode=cfg.distribution_mode)
 
     def dream_score(X, gen, episodes):
         z0 = first_z(vae, episodes, cfg, level_draw(cfg.seed, gen, 1)[0])  # (E,Z)
         W = torch.as_tensor(X, dtype=torch.float32).view(len(X), len(ACTIONS), -1).repeat_interleave(len(z0), 0)
-        ret, length = dream(model, mdn, lambda z, h, up, idx: choose(W[idx], features(z, h, "zhm", up)),
+        ret, length = dream(model, mdn, lambda z, h, up, idx: choose(W[idx], features(z, h, inputs, up)),
                             z0.repeat(len(X), 1), cfg.tau, cfg.max_steps)  # dream p*E+e: candidate p's, start e
         return ret.view(len(X), -1).mean(1).numpy(), int(length.sum())
 
@@ -147,11 +150,15 @@ def search_c(model, vae, mdn, cfg, dream, hop=None):
             line += (f"; CMA mean: dream {dream_score(es.mean[None], gen, 256)[0][0]:.2f}, real validation wins "
                      f"{(ret > 0).mean():.1%} (real env steps so far {env_steps:,})")
         print(line, flush=True)
-    ret, length = play(agent(es.mean), cfg.test_episodes, 1_000_003, cfg.distribution_mode, desc="held-out")
+    policy = Counting(agent(es.mean))  # also counts the steps from each episode's last UP to its end
+    ret, length = play(policy, cfg.test_episodes, 1_000_003, cfg.distribution_mode, desc="held-out")
     ups, _ = play(Always(UP), cfg.test_episodes, 1_000_003, cfg.distribution_mode, desc="always-UP")
-    s = summarize(ret, length)
+    s, died = summarize(ret, length), (ret <= 0) & (length < MAX_STEPS)  # (E,): ended without the win before the cap
+    s.update(died_hopping=float((died & (policy.final <= 5)).mean()), died_waiting=float((died & (policy.final > 5))
+             .mean()), timeout=float((length >= MAX_STEPS).mean()))  # as docs/probe_rules.py counts them
     print(f"C searched in the dream, held out: {s['win_rate']:.1%} {[round(x, 3) for x in s['ci95']]} of "
-          f"{cfg.test_episodes} levels, mean length {s['mean_length']:.0f} (always-UP {(ups > 0).mean():.1%})")
+          f"{cfg.test_episodes} levels, mean length {s['mean_length']:.0f} (always-UP {(ups > 0).mean():.1%}); died "
+          f"within 5 steps of an UP {s['died_hopping']:.1%}, later {s['died_waiting']:.1%}, timeout {s['timeout']:.1%}")
     return dict(s, always_up=float((ups > 0).mean()), env_steps=env_steps)
 
 

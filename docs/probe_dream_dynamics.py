@@ -82,17 +82,19 @@ class ConvTransition(nn.Module):
     channels. Its 3x3 convs share one local rule over the grid ("UP moves the frog up"), which an LSTM on the
     flattened z must learn for each of the 64 cells apart."""
 
-    def __init__(self, c, width=64, n_actions=5, out=0):
+    def __init__(self, c, width=64, n_actions=5, out=0, extra=0):
         super().__init__()
         self.c, self.n_actions, self.out = c, n_actions, out  # out > 0: return the last conv's out raw planes
-        self.net = nn.Sequential(  # (N,2c+A,8,8) -> (N,c,8,8): the change of z
-            nn.Conv2d(2 * c + n_actions, width, 3, 1, 1), nn.ReLU(), nn.Conv2d(width, width, 3, 1, 1), nn.ReLU(),
-            nn.Conv2d(width, width, 3, 1, 1), nn.ReLU(), nn.Conv2d(width, out or c, 3, 1, 1))
+        self.net = nn.Sequential(  # (N,2c+A+E,8,8) -> (N,c,8,8): the change of z
+            nn.Conv2d(2 * c + n_actions + extra, width, 3, 1, 1), nn.ReLU(), nn.Conv2d(width, width, 3, 1, 1),
+            nn.ReLU(), nn.Conv2d(width, width, 3, 1, 1), nn.ReLU(), nn.Conv2d(width, out or c, 3, 1, 1))
 
-    def forward(self, z, z_last, a):
-        """z, z_last (N,Z), action indices (N,) -> the next z (N,Z), or with out the raw planes (N,out,8,8)."""
+    def forward(self, z, z_last, a, extra=None):
+        """z, z_last (N,Z), action indices (N,), with extra its planes (N,E,8,8) -> the next z (N,Z), or with out the
+        raw planes (N,out,8,8)."""
         n, planes = len(z), F.one_hot(a, self.n_actions).float()[..., None, None].expand(-1, -1, 8, 8)  # (N,A,8,8)
-        x = torch.cat([z.view(n, self.c, 8, 8), z_last.view(n, self.c, 8, 8), planes], 1)  # (N,2c+A,8,8)
+        x = torch.cat([z.view(n, self.c, 8, 8), z_last.view(n, self.c, 8, 8), planes, *(
+            () if extra is None else (extra,))], 1)  # (N,2c+A+E,8,8)
         y = self.net(x)
         return y if self.out else z + y.reshape(n, -1)  # (N,c,8,8) -> (N,Z)
 

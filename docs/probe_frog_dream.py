@@ -1,22 +1,16 @@
 """Probe: the frog as an object of the dream. Does a world model that carries the frog's place as a variable of its
 own dream a game where UP matters, and does C learn in it?
 
-On V's grid alone the dreamt frog blurs, smears or splits (docs/experiments.md, sixteenth round). Here the dream's
-state is V's z (the level, moved by probe_grid_dream's Gaussian conv transition) plus the frog's centre (y, x) in
-pixels. The frog model (3x3 convs on V's grid, each cell also told the frog's offset from its centre, its last move
-and the action) gives the frog's next move as one of 9 x 9 moves of -4..4 pixels (one sharp frog) and the logits of
-"this step wins" and "this step kills". The frog's first place comes from V: a locator head on V's z, taught by the
-frog's colour in the recorded frames (docs/probe_frog.py's cheat, for labels only). --level mean moves the level by
-its mean (leaper's cars move the same way every time); --death hop: a dream frog dies only as a move starts, by M's
-hop head (C's m then, in dream and game). Printed: held-out accuracies and AUCs, with --hop-steps the AUC on
-hop-then-wait UPs, dreams under constant actions (in the game NONE never wins, UP wins a third), a hop real and
-dreamt, and with --generations N, C (on [z, h, m]) searched by CMA-ES in this dream and taken to the real game.
+The dream's state is V's z (the level, moved by probe_grid_dream's Gaussian conv transition) plus the frog's centre
+(y, x) in pixels (on V's grid alone the dreamt frog blurs: experiments.md, 16th round). The frog model (3x3 convs on
+V's grid, each cell told the frog's offset from it, its last move and the action) gives the frog's next move as one of
+9 x 9 moves of -4..4 pixels and the logits of "this step wins" and "this step kills"; its first place comes from a
+locator on V's z, taught by the frog's colour (docs/probe_frog.py's cheat, for labels only). --level mean moves the
+level by its mean; --follow tells it where the frog goes; --death hop: a dream frog dies only as a move starts, by M's
+hop head (C's m, in dream and game); hop-wait: also while it waits. Printed: held-out figures, with --hop-steps AUCs
+on hop-then-wait UPs, dreams under constant actions, a hop real and dreamt, with --generations N, C searched in it.
 
     python docs/probe_frog_dream.py --run runs --level mean --death hop --tau 0.3 --generations 30
-
-With --death hop, M's hop head decides every dreamt death: a run's M trained with 4x the hop play (mdnrnn.py
---hop-steps 1600000) made the searched C win 52-63% of held-out easy levels over five seeds, the default head 42-52%
-over three (docs/experiments.md, twenty-first round).
 """
 import dataclasses
 import functools
@@ -38,8 +32,7 @@ from probe_frog import frog_course, frog_frames, frog_steps, imagined  # noqa: E
 from probe_grid_dream import GridModel, steps_of  # noqa: E402
 from vae import load_checkpoint, load_vae, save_atomic  # noqa: E402
 
-MOVE = 4  # the frog's centre moves at most this many pixels a step along each axis (measured: a hop is ~7 pixels
-# over ~5 frames; 300 random episodes' largest step was 4.1 pixels)
+MOVE = 4  # the frog moves at most 4 pixels a step per axis (a hop: ~7 over ~5 frames; 300 random episodes: 4.1 at most)
 K = 2 * MOVE + 1  # moves per axis: the frog model's K*K classes
 CENTRES = torch.stack(torch.meshgrid(torch.arange(8) * 8 + 3.5, torch.arange(8) * 8 + 3.5, indexing="ij"), -1
                       ).view(64, 2)  # (64,2) the (y, x) centre of each of V's 8x8-pixel cells, in V's cell order
@@ -55,13 +48,14 @@ class ProbeConfig:
     width: int = 64  # channels of the convs
     death_steps: int = 2  # the last this many steps of a dying episode are labelled death (the car comes first)
     tau: float = 1.0  # the dream's temperature: the level's Gaussian spread * sqrt(tau), the frog's logits / tau
-    level: Literal["sample", "mean"] = "sample"  # the dreamt level's next z: sampled at tau (Ha's) or the Gaussian's
-    # mean (leaper's cars and logs move the same way every time: only the frog's fate is uncertain)
-    death: Literal["step", "hop"] = "step"  # what kills a dream frog: the frog model's death head at every step, or
-    # M's hop head (the run's mdnrnn.pt) when a move starts, and C's m is that head's logit of UP in dream and game
+    level: Literal["sample", "mean"] = "sample"  # the level's next z: sampled at tau (Ha's), or the mean (cars: alike)
+    death: Literal["step", "hop", "hop-wait"] = "step"  # what kills a dream frog: the frog model's death head each
+    # step; M's hop head as a move starts (C's m: its logit of UP, dream and game); hop-wait: also while it waits
+    follow: bool = False  # the level's transition reads the frog's place now and next (the frog in z moves with it)
     hop_steps: int = 0  # > 0: env steps of hop-then-wait play on new levels; the death logit's AUC on its UPs (M's too)
     episodes: int = 256  # dreams per constant action, from held-out first frames
     generations: int = 0  # CMA-ES generations of C in the dream (0: no search)
+    inputs: Literal["zhm", "hm", "m"] = "zhm"  # what the searched C reads: [z, h, m] (the agent's) or without z or h
     popsize: int = 32  # candidates per generation
     dream_episodes: int = 64  # dreams per candidate per generation, from new levels' first frames
     max_steps: int = 250  # a dream episode's cap in the search (the game's: 500)
@@ -89,10 +83,10 @@ class FrogModel(nn.Module):
     categorical over K*K moves, the win and death logits read off the frog's place on the level; and the locator,
     which finds the frog in V's z."""
 
-    def __init__(self, z_dim, width=64, n_actions=5):
+    def __init__(self, z_dim, width=64, n_actions=5, follow=False):
         super().__init__()
-        self.c, self.n_actions = z_dim // 64, n_actions
-        self.grid = GridModel(z_dim, width)  # the level's next z (its own win and death heads go unused)
+        self.c, self.n_actions, self.follow = z_dim // 64, n_actions, follow
+        self.grid = GridModel(z_dim, width, extra=4 * follow)  # the level's next z (its win and death heads unused)
         self.trunk = nn.Sequential(  # (N,2c+4+A,8,8) -> (N,256)
             nn.Conv2d(2 * self.c + 4 + n_actions, width, 3, 1, 1), nn.ReLU(), nn.Conv2d(width, width, 3, 1, 1),
             nn.ReLU(), nn.Flatten(), nn.Linear(width * 64, 256), nn.ReLU())
@@ -111,9 +105,11 @@ class FrogModel(nn.Module):
         y = self.out(self.trunk(x))  # (N,K*K+2)
         return y[:, :-2], y[:, -2], y[:, -1]
 
-    def z_dist(self, z, z_last, a):
-        """The level's next z: the Gaussian's mean and log std (N,Z) each."""
-        mean = self.grid.move(z, z_last, a)
+    def z_dist(self, z, z_last, a, pos, pos_next):
+        """The level's next z: the Gaussian's mean and log std (N,Z) each; with follow it reads where the frog is now
+        and where it goes, pos and pos_next (N,2), as each cell's offset from them (N,4,8,8)."""
+        where = torch.cat([(p[:, None] - CENTRES).transpose(1, 2) / 8 for p in (pos, pos_next)], 1)  # (N,4,64)
+        mean = self.grid.move(z, z_last, a, where.view(len(z), 4, 8, 8) if self.follow else None)
         return mean, self.grid.log_sigma.clamp(-5, 2).expand_as(mean)
 
     def locate(self, z, pos=None):
@@ -121,9 +117,8 @@ class FrogModel(nn.Module):
         y = self.locator(z.view(len(z), self.c, 8, 8)).flatten(2)  # (N,3,64)
         cell = y[:, 0].argmax(1) if pos is None else (pos[:, None] - CENTRES).pow(2).sum(-1).argmin(1)  # (N,)
         off = MOVE * torch.tanh(y[:, 1:].gather(2, cell[:, None, None].expand(-1, 2, 1))[..., 0])  # (N,2) pixels
-        if pos is None:
-            return CENTRES[cell] + off
-        return F.cross_entropy(y[:, 0], cell) + (CENTRES[cell] + off - pos).pow(2).sum(-1).mean() / MOVE ** 2
+        return CENTRES[cell] + off if pos is None else (F.cross_entropy(y[:, 0], cell)
+                                                        + (CENTRES[cell] + off - pos).pow(2).sum(-1).mean() / MOVE ** 2)
 
     def step(self, pos, logits, tau=1.0):
         """The frog's next centre (N,2): a move sampled at tau (logits / tau; 0: the likeliest), kept on screen."""
@@ -134,8 +129,9 @@ class FrogModel(nn.Module):
         """One dreamt step from (z, z_last, pos, pos_last) under actions a (N,) -> this step's win and death logits
         (N,) each, the next z (N,Z) and the frog's next centre (N,2); tau 0 with level "mean": the likeliest step."""
         logits, win, death = self(z, z_last, pos, pos_last, a)
-        dist = self.z_dist(z, z_last, a)  # the level's next z: the Gaussian's mean, or sampled at tau (Ha's)
-        return win, death, dist[0] if level == "mean" else self.grid.sample(dist, tau), self.step(pos, logits, tau)
+        pos_next = self.step(pos, logits, tau)
+        dist = self.z_dist(z, z_last, a, pos, pos_next)  # the level's next z: the Gaussian's mean, or sampled at tau
+        return win, death, dist[0] if level == "mean" else self.grid.sample(dist, tau), pos_next
 
     def risk(self, z, z_last, pos, pos_last, a, lookahead=0):
         """C's m (N,): the death logit of action a now, or with lookahead L the logit of P(the frog dies within L
@@ -163,7 +159,7 @@ def losses(model, D, i, unroll):
     total = model.locate(D["z"][i], D["pos"][i])
     for j in range(unroll):
         a, has_next = D["a"][i + j], D["has_next"][i + j]
-        dist = model.z_dist(z, z_last, a)
+        dist = model.z_dist(z, z_last, a, pos, D["pos_next"][i + j])
         logits, win, death = model(z, z_last, pos, pos_last, a)
         target = move_class(D["pos_next"][i + j] - pos)  # (B,) where the frog went
         total = total + ((model.grid.nll(dist, D["z_next"][i + j]).sum(-1) * has_next).mean()
@@ -179,7 +175,7 @@ def held_out(model, T):
     moves whose most likely class is the true one (and staying put's share), the level's one-step error, AUCs."""
     logits, win, death = model(T["z"], T["z_last"], T["pos"], T["pos_last"], T["a"])
     target, m = move_class(T["pos_next"] - T["pos"]), T["has_next"] > 0
-    mean = model.z_dist(T["z"], T["z_last"], T["a"])[0]
+    mean = model.z_dist(T["z"], T["z_last"], T["a"], T["pos"], T["pos_next"])[0]
     row = dict(locator_px=(model.locate(T["z"]) - T["pos"]).pow(2).sum(-1).sqrt().mean().item(),
                move_acc=(logits.argmax(1) == target)[m].float().mean().item(),
                stay_acc=(target == move_class(torch.zeros(1, 2)))[m].float().mean().item(),
@@ -198,7 +194,14 @@ def train_frog(cfg):
             fail(f"{cfg.run}: data/ and latents/ hold different episodes ({len(frog['pos'])} vs {len(split['a'])} "
                  "steps): encode data/ again with mdnrnn.py")
         split.update(frog)
-    return fit(FrogModel(D["z"].shape[1], cfg.width), D, T, cfg, losses, held_out, "frog")
+    return fit(FrogModel(D["z"].shape[1], cfg.width, follow=cfg.follow), D, T, cfg, losses, held_out, "frog")
+
+
+def per_step(logit, window=8.5):
+    """The logit of dying this step, for a frog that waits, from the hop head's logit of "NONE kills before the next
+    move", learnt over windows of 5-12 steps (hop-then-wait play; 8.5 on average): 1 - p_step = (1 - p)^(1/window)."""
+    log_live = F.logsigmoid(-logit) / window  # log(1 - p_step)
+    return torch.log(-torch.expm1(log_live).clamp(max=-1e-12)) - log_live
 
 
 @torch.no_grad()
@@ -211,41 +214,45 @@ def frog_dream(model, mdn, policy, z0, tau=1.0, max_steps=MAX_STEPS, level="samp
     def step(idx, h):
         zi, zli, pi, pli = z[idx], z_last[idx], pos[idx], pos_last[idx]
         up = torch.full((len(idx),), UP)
-        a = policy(zi, h, mdn.hop(zi, zli, up) if death == "hop" else model(zi, zli, pi, pli, up)[2], idx)  # (n,)
+        a = policy(zi, h, mdn.hop(zi, zli, up) if death != "step" else model(zi, zli, pi, pli, up)[2], idx)  # (n,)
         win, dies, z[idx], pos[idx] = model.imagine(zi, zli, pi, pli, a, tau, level)
         z_last[idx], pos_last[idx] = zi, pi
-        if death == "hop":  # a move starts where the frog is at rest (mid-hop the game ignores the action)
-            starts = ((a != NONE) & ((pi - pli).abs().sum(1) < 0.5)).nonzero()[:, 0]  # (s,)
-            dies = torch.full_like(dies, -30.0)  # elsewhere never; M's hop head runs only where a move starts
-            if len(starts):
-                dies[starts] = mdn.hop(zi[starts], zli[starts], a[starts])
+        if death != "step":  # M's hop head where a move starts from rest (mid-hop the game ignores the action), with
+            # hop-wait also where the frog waits at rest (CRUCIAL: in hard mode a frog left in a lane or on a log dies)
+            rest = (pi - pli).abs().sum(1) < 0.5  # (n,)
+            judged = (rest & ((a != NONE) | (death == "hop-wait"))).nonzero()[:, 0]  # (j,)
+            dies = torch.full_like(dies, -30.0)  # elsewhere never
+            if len(judged):
+                logit = mdn.hop(zi[judged], zli[judged], a[judged])  # (j,)
+                dies[judged] = torch.where(a[judged] == NONE, per_step(logit), logit)
         return zi, a, win, dies
     return dream_loop(step, mdn, len(z0), max_steps)
 
 
-class Located(nn.Module):
-    """The frog model's death logit from V's z alone, as M's hop head is called (mdn.hop(z, z_last, a))."""
-
+class Located(nn.Module):  # the frog model's death logit from V's z alone, called as M's hop head is: (z, z_last, a)
     def __init__(self, model):
         super().__init__()
-        self.model = model
+        self.model, self.forward = model, model.hop
 
-    def forward(self, z, z_last, a):
-        return self.model.hop(z, z_last, a)
+
+def load_frog(path, z_dim):
+    """A frog model written by trained() -> the model, its training flags (older files: no follow), its held-out row."""
+    ckpt = load_checkpoint(path)
+    was = {k: ckpt["config"].get(k, getattr(ProbeConfig, k)) for k in ("steps", "unroll", "batch", "width",
+                                                                        "death_steps", "follow", "seed")}
+    model = FrogModel(z_dim, was["width"], follow=was["follow"])
+    model.load_state_dict(ckpt["model"])
+    return model.eval(), was, dict(ckpt["held_out"])
 
 
 def trained(cfg, z_dim):
     """The frog model of cfg.model if that file exists (made with the same training flags), else a new one trained
     and written there (when cfg.model is set). -> the model, its held-out figures."""
-    fields = ("steps", "unroll", "batch", "width", "death_steps", "seed")  # what the training depends on
     if cfg.model and os.path.exists(cfg.model):
-        ckpt = load_checkpoint(cfg.model)
-        was = {k: ckpt["config"].get(k) for k in fields}
-        if was != {k: getattr(cfg, k) for k in fields}:
+        model, was, row = load_frog(cfg.model, z_dim)
+        if was != {k: getattr(cfg, k) for k in was}:  # what the training depends on
             fail(f"--model {cfg.model} was trained with other flags ({was}); use another --model")
-        model = FrogModel(z_dim, cfg.width)
-        model.load_state_dict(ckpt["model"])
-        return model.eval(), dict(ckpt["held_out"])
+        return model, row
     model, row = train_frog(cfg)
     if cfg.model:
         save_atomic(dict(model=model.state_dict(), config=dataclasses.asdict(cfg), held_out=row), cfg.model)
@@ -256,8 +263,8 @@ def main(cfg):
     vae, mdn = load_vae(os.path.join(cfg.run, "vae.pt")), load_mdnrnn(os.path.join(cfg.run, "mdnrnn.pt"))
     if not vae.spatial:
         fail(f"{cfg.run}/vae.pt has a flat z; the frog model reads V's 8x8 grid (--spatial)")
-    if cfg.death == "hop" and mdn.hop is None:
-        fail(f"--death hop: {cfg.run}/mdnrnn.pt has no hop head (M trained with --hop-steps 0)")
+    if cfg.death != "step" and mdn.hop is None:
+        fail(f"--death {cfg.death}: {cfg.run}/mdnrnn.pt has no hop head (M trained with --hop-steps 0)")
     model, res = trained(cfg, vae.z_dim)
     if cfg.hop_steps:  # the issue's test of "M knows death", on levels of a stream no training step saw
         hop = {k: torch.from_numpy(v) for k, v in hop_latents(vae, cfg.distribution_mode, cfg.hop_steps,
@@ -284,7 +291,7 @@ def main(cfg):
         if cfg.search_seed >= 0:  # one frog model, another search: which of the two does a seed's result owe to?
             torch.manual_seed(cfg.search_seed)
             cfg = dataclasses.replace(cfg, seed=cfg.search_seed)
-        res["search"] = search_c(model, vae, mdn, cfg, dream, mdn.hop if cfg.death == "hop" else Located(model))
+        res["search"] = search_c(model, vae, mdn, cfg, dream, mdn.hop if cfg.death != "step" else Located(model))
     return res
 
 

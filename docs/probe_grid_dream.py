@@ -71,10 +71,10 @@ class GridModel(nn.Module):
     """A world model on V's grid: the next z (per latent one Gaussian, the conv transition's mean and a learnt std, or
     with bins a categorical over changes: a sharp sample, not an average of places), the win and death logits."""
 
-    def __init__(self, z_dim, width=64, bins=0):
+    def __init__(self, z_dim, width=64, bins=0, extra=0):
         super().__init__()
         c, self.bins, self.gaussian = z_dim // 64, bins, not bins
-        self.move = ConvTransition(c, width, out=c * bins)
+        self.move = ConvTransition(c, width, out=c * bins, extra=extra)  # extra: planes more than z and the action
         self.win, self.death = HopHead(z_dim, width=width // 2), HopHead(z_dim, width=width // 2)
         self.log_sigma = nn.Parameter(torch.zeros(z_dim))  # (Z,) the Gaussian's; unused with bins
         u = torch.linspace(-1, 1, max(bins, 2))  # (B,) the bins' changes: dense near 0, where most changes are
