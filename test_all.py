@@ -1171,6 +1171,50 @@ def test_frog_dream_probe_moves_one_frog_and_plays_the_toy_game(tmp_path, capsys
     assert str(e.value).startswith(f"error: {real}: data/ and latents/ hold different episodes")
 
 
+class ToyV:
+    """synthetic_frog_frames' V: a frame -> its grid z, nonzero at the frog's cell (3 + its place in the cell)."""
+    z_dim = 64
+
+    def encode(self, x):  # (n,3,64,64) in [0,1] -> (n,64), None
+        z = torch.zeros(len(x), 8, 8)
+        for i, frog in enumerate(x[:, 1] > 0.8):  # (64,64): the toy frog's green (220), nothing else is green
+            rows, cols = frog.nonzero(as_tuple=True)
+            if len(rows):
+                y = rows.min().item() + 0.5
+                z[i, int(y) // 8, cols.min() // 8] = 2 + (y % 8) / 3.5
+        return z.view(len(x), 64), None
+
+
+def test_dream_drift_probe_replays_each_episode_in_the_dream_step_by_step(tmp_path, one_torch_thread):
+    """docs/probe_dream_drift.py on the toy frog game, where a frog model can dream exactly: each episode's actions
+    replayed open-loop from its first frame keep the dreamt frog on the real one and the dreamt z on the real z at
+    every step (a head reading the frog's row from z gives the same logit on both: no step is shifted), and the table
+    counts every UP that starts a hop."""
+    drift, frog, run = load_probe("probe_dream_drift"), load_probe("probe_frog_dream"), tmp_path / "run"
+    synthetic_frog_frames(str(run), 300, np.random.default_rng(0))
+    cfg = frog.ProbeConfig(run=str(run), steps=600, unroll=2, width=16, death_steps=1)
+    torch.manual_seed(0)
+    model = frog.trained(cfg, 64)[0]
+    episodes = []
+    for path in sorted(glob.glob(str(run / "data" / "*.npz")))[-40:]:
+        e = collect.load_episode(path)
+        episodes.append(dict(obs=e["obs"], action=collect.ACTIONS[e["action"]], died=bool(e["action"][-1] == 0)))
+    mdn = mdnrnn.MDNRNN(64, hidden=4, gaussians=1)
+    class Row(torch.nn.Module):  # a hop head that reads the frog's row from z (its likeliest)
+        def forward(self, z, z_last, a):
+            return z.view(-1, 8, 8).amax(2).argmax(1).float()
+    mdn.hop = Row()
+    r = drift.replay(ToyV(), mdn, model, episodes)
+    live = r["alive"].clone()
+    live[:, 0] = False  # step 0 has no last frame: no logit
+    assert r["alive"].sum() == sum(len(e["action"]) for e in episodes) and r["last_up"].sum() <= len(episodes)
+    assert (r["pos"] - r["real_pos"])[r["alive"]].norm(dim=-1).mean() < 1.0  # one step late: 2.5 pixels
+    assert (r["real"] - r["dreamt"])[live].abs().mean() < 0.1 and (r["real"][live] != 0).any()  # one step late: 0.27
+    rows = drift.table(r)
+    moving = (r["real_pos"][:, 1:] - r["real_pos"][:, :-1]).abs().sum(-1) >= 0.5  # (N,T-1) mid-hop at t >= 1
+    assert sum(row["ups"] for row in rows) == int((live[:, 1:] & (r["a"][:, 1:] == collect.UP) & ~moving).sum())
+
+
 def test_grid_dream_probe_refuses_a_flat_v_and_missing_latents(tiny_run, tmp_path):
     probe = load_probe("probe_grid_dream")
     with pytest.raises(SystemExit) as e:  # tiny_run's V is flat
