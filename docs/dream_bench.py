@@ -121,11 +121,10 @@ def constant_table(dream, model, mdn, z0, cfg):
     return table
 
 
-def search_c(model, vae, mdn, cfg, dream, hop=None):
-    """C on [z, h, the death logit of UP] (or those of cfg.inputs) by CMA-ES from zero, fitness from dream(model, ...)
+def search_c(model, vae, mdn, cfg, dream, hop=None, inputs="zhm"):
+    """C on [z, h, the death logit of UP] (or those in inputs) by CMA-ES from zero, fitness from dream(model, ...)
     only; the CMA mean plays real validation levels every 5 generations (logged, never searched on). hop: C's m in
     the game (model.death)."""
-    inputs = getattr(cfg, "inputs", "zhm")  # what C reads (docs/probe_frog_dream.py --inputs; the others: zhm)
     ccfg = CConfig(inputs=inputs, popsize=cfg.popsize, danger_prior=0.0, seed=cfg.seed)
     es, env_steps = make_search(ccfg, input_sizes(inputs, vae.z_dim, mdn.hidden)), 0
     mdn.hop = model.death if hop is None else hop  # controller.Agent reads C's m from M's hop head

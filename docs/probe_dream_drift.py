@@ -17,7 +17,6 @@ import sys
 from dataclasses import dataclass
 from typing import Literal
 
-import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo's modules

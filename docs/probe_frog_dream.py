@@ -108,8 +108,8 @@ class FrogModel(nn.Module):
     def z_dist(self, z, z_last, a, pos, pos_next):
         """The level's next z: the Gaussian's mean and log std (N,Z) each; with follow it reads where the frog is now
         and where it goes, pos and pos_next (N,2), as each cell's offset from them (N,4,8,8)."""
-        where = torch.cat([(p[:, None] - CENTRES).transpose(1, 2) / 8 for p in (pos, pos_next)], 1)  # (N,4,64)
-        mean = self.grid.move(z, z_last, a, where.view(len(z), 4, 8, 8) if self.follow else None)
+        mean = self.grid.move(z, z_last, a, torch.cat([(p[:, None] - CENTRES).transpose(1, 2) / 8 for p in (
+            pos, pos_next)], 1).view(len(z), 4, 8, 8) if self.follow else None)  # (N,2,64) x2 -> (N,4,64) -> (N,4,8,8)
         return mean, self.grid.log_sigma.clamp(-5, 2).expand_as(mean)
 
     def locate(self, z, pos=None):
@@ -198,9 +198,8 @@ def train_frog(cfg):
 
 
 def per_step(logit, window=8.5):
-    """The logit of dying this step, for a frog that waits, from the hop head's logit of "NONE kills before the next
-    move", learnt over windows of 5-12 steps (hop-then-wait play; 8.5 on average): 1 - p_step = (1 - p)^(1/window)."""
-    log_live = F.logsigmoid(-logit) / window  # log(1 - p_step)
+    """A waiting frog's death logit per step from the hop head's "NONE kills within a wait" (5-12 steps: 8.5 mean)."""
+    log_live = F.logsigmoid(-logit) / window  # log(1 - p_step): 1 - p_step = (1 - p)^(1/window)
     return torch.log(-torch.expm1(log_live).clamp(max=-1e-12)) - log_live
 
 
@@ -291,7 +290,8 @@ def main(cfg):
         if cfg.search_seed >= 0:  # one frog model, another search: which of the two does a seed's result owe to?
             torch.manual_seed(cfg.search_seed)
             cfg = dataclasses.replace(cfg, seed=cfg.search_seed)
-        res["search"] = search_c(model, vae, mdn, cfg, dream, mdn.hop if cfg.death != "step" else Located(model))
+        m_head = Located(model) if cfg.death == "step" else mdn.hop  # C's m, in the dream and in the game
+        res["search"] = search_c(model, vae, mdn, cfg, dream, m_head, cfg.inputs)
     return res
 
 
