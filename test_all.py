@@ -1172,7 +1172,7 @@ def test_frog_dream_probe_moves_one_frog_and_plays_the_toy_game(tmp_path, capsys
 
 
 class ToyV:
-    """synthetic_frog_frames' V: a frame -> its grid z, nonzero at the frog's cell (3 + its place in the cell)."""
+    """synthetic_frog_frames' V: a frame -> its grid z, nonzero at the frog's cell (2 + its place in the cell / 3.5)."""
     z_dim = 64
 
     def encode(self, x):  # (n,3,64,64) in [0,1] -> (n,64), None
