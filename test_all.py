@@ -1126,6 +1126,10 @@ def test_frog_dream_probe_moves_one_frog_and_plays_the_toy_game(tmp_path, capsys
         ret, length = probe.frog_dream(model, mdn, lambda z, h, up, idx: torch.full((len(idx),), collect.NONE),
                                        z0.view(16, 64).repeat(8, 1), 0.01, 40, "mean", death)  # (128,) each
         assert ((length == 40).float().mean() >= 0.9) if death == "hop" else (length.float().mean() < 20)
+    mdn.hop, seen = LeftKills(), []  # --calibrate's shift: the dream's hop logit, C's m and its deaths, moved by it
+    ret, length = probe.frog_dream(model, mdn, lambda z, h, up, idx: seen.append(up) or torch.zeros_like(idx),
+                                   z0.view(16, 64), 0.01, 40, "mean", "hop", shift=-60.0)  # always-LEFT
+    assert (length > 1).all() and torch.equal(torch.cat(seen).unique(), torch.tensor([-90.0]))  # shift 0: dead at 1
     assert "frog step 600" in capsys.readouterr().out
     loaded, loaded_row = probe.trained(dataclasses.replace(cfg, model=str(tmp_path / "frog.pt"), tau=0.5), 64)
     assert loaded_row == row and "frog step" not in capsys.readouterr().out  # loaded (tau: the dream's, not training's)
@@ -1164,6 +1168,13 @@ def test_frog_dream_probe_moves_one_frog_and_plays_the_toy_game(tmp_path, capsys
     with pytest.raises(SystemExit) as e:  # this M has no hop head to kill the dream's frog with
         probe.main(dataclasses.replace(cfg, run=str(real), death="hop"))
     assert str(e.value) == f"error: --death hop: {real}/mdnrnn.pt has no hop head (M trained with --hop-steps 0)"
+    with pytest.raises(SystemExit) as e:
+        probe.main(dataclasses.replace(cfg, run=str(real), calibrate=4))
+    assert str(e.value).startswith("error: --calibrate shifts M's hop head, which --death step does not use")
+    mdn = mdnrnn.load_mdnrnn(str(real / "mdnrnn.pt"))
+    mdn.hop = LeftKills()  # the rule: UP where it is safe (everywhere), the calibration's games replayed in the dream
+    res = load_probe("probe_dream_drift").calibrated(vae.load_vae(str(real / "vae.pt")), mdn, model, 4, "easy")
+    assert math.isfinite(res["shift"]) and res["calibration_steps"] > 4 and "logit shifted by" in capsys.readouterr().out
     shutil.rmtree(real / "latents")  # data/ and latents/ that disagree: one error line
     mdnrnn.encode_episodes(str(run / "data"), str(real / "vae.pt"), str(real / "latents"))
     with pytest.raises(SystemExit) as e:
@@ -1211,6 +1222,8 @@ def test_dream_drift_probe_replays_each_episode_in_the_dream_step_by_step(tmp_pa
     assert (r["pos"] - r["real_pos"])[r["alive"]].norm(dim=-1).mean() < 1.0  # one step late: 2.5 pixels
     assert (r["real"] - r["dreamt"])[live].abs().mean() < 0.1 and (r["real"][live] != 0).any()  # one step late: 0.27
     rows = drift.table(r)
+    fake = dict(alive=r["alive"], a=r["a"], real_pos=r["real_pos"], real=r["real"], dreamt=r["real"] + 1.3)
+    assert drift.shift(fake) == pytest.approx(-1.3, abs=1e-4)  # a dream whose hop logit is 1.3 too high, taken back
     moving = (r["real_pos"][:, 1:] - r["real_pos"][:, :-1]).abs().sum(-1) >= 0.5  # (N,T-1) mid-hop at t >= 1
     assert sum(row["ups"] for row in rows) == int((live[:, 1:] & (r["a"][:, 1:] == collect.UP) & ~moving).sum())
 

@@ -51,6 +51,18 @@ def chunked(f, *xs, batch=4096):
     return torch.cat([f(*(x[i:i + batch] for x in xs)) for i in range(0, len(xs[0]), batch)])
 
 
+def rule_games(vae, mdn, episodes, seed, distribution_mode, threshold=-1.0):
+    """C's start rule on M's hop head plays the first levels of seed's stream -> returns (E,), the recorded games
+    (evaluate.play's, each with died: ended without the win before the game's cap)."""
+    sizes = input_sizes("zhm", vae.z_dim, mdn.hidden)
+    x0 = start_point(len(ACTIONS) * (sum(sizes.values()) + 1), "zhm", 1.0, threshold)  # (5,F+1)
+    ret, length, games = play(Agent(vae, mdn, torch.as_tensor(x0), "zhm"), episodes, seed, distribution_mode,
+                              record=True, desc="rule")
+    for e, r, n in zip(games, ret, length):
+        e["died"] = r <= 0 and n < MAX_STEPS
+    return ret, games
+
+
 @torch.no_grad()
 def replay(vae, mdn, model, episodes):
     """Each episode's steps, in the game and in the open-loop dream: a dict of (N,T) tensors, padded past each end
@@ -83,11 +95,39 @@ def replay(vae, mdn, model, episodes):
                 spread_dreamt=(zs - centre).norm(dim=-1))
 
 
-def table(r):
-    """The drift, binned by step: one printed row per bin, returned as a list of dicts."""
+def hop_starts(r):
+    """replay's dict -> (N,T) True at the UPs that start a hop (the real frog at rest; step 0 has no logit)."""
     rest = torch.cat([torch.zeros_like(r["alive"][:, :1]), (r["real_pos"][:, 1:] - r["real_pos"][:, :-1]).abs()
                       .sum(-1) < 0.5], 1)  # (N,T) the real frog at rest: an UP there starts a hop
-    moves = r["alive"] & (r["a"] == UP) & rest  # (N,T)
+    return r["alive"] & (r["a"] == UP) & rest
+
+
+def shift(r):
+    """The shift b of the hop head's logit on the dreamt z that makes its mean P(death) over the UPs that start a hop
+    equal to its mean on the real z of the same UPs (bisection): the dream's drift toward death taken back."""
+    m = hop_starts(r)
+    if not m.any():
+        fail("no UP started a hop in the replayed games: nothing to calibrate on (play more levels)")
+    dreamt, target = r["dreamt"][m], torch.sigmoid(r["real"][m]).mean()
+    lo, hi = -20.0, 20.0
+    for _ in range(60):  # the mean of sigmoid(dreamt + b) rises with b
+        lo, hi = ((lo + hi) / 2, hi) if torch.sigmoid(dreamt + (lo + hi) / 2).mean() < target else (lo, (lo + hi) / 2)
+    return (lo + hi) / 2
+
+
+def calibrated(vae, mdn, model, levels, distribution_mode, seed=5_000_011):
+    """The rule's games on `levels` levels of seed's stream (training levels: no test plays them), replayed in the
+    frog dream of model -> dict(shift: the shift of the dreamt z's hop logit, calibration_steps: real env steps)."""
+    games = rule_games(vae, mdn, levels, seed, distribution_mode)[1]
+    res = dict(shift=shift(replay(vae, mdn, model, games)), calibration_steps=sum(len(g["action"]) for g in games))
+    print(f"the dreamt z's hop logit shifted by {res['shift']:+.2f} (the rule's games on {levels} levels of seed "
+          f"{seed}, {res['calibration_steps']:,} real env steps)")
+    return res
+
+
+def table(r):
+    """The drift, binned by step: one printed row per bin, returned as a list of dicts."""
+    moves = hop_starts(r)  # (N,T)
     t = torch.arange(r["alive"].shape[1]).expand_as(moves)
     rows = []
     print(f"{'steps':>9} {'UPs':>5} {'AUC real':>8} {'dreamt':>6} {'P real':>6} {'dreamt':>6} {'rate':>5} "
@@ -117,15 +157,13 @@ def main(cfg):
     if not os.path.exists(cfg.model):
         fail(f"--model {cfg.model}: no such file (train one with docs/probe_frog_dream.py --model {cfg.model})")
     model = load_frog(cfg.model, vae.z_dim)[0]
-    sizes = input_sizes("zhm", vae.z_dim, mdn.hidden)
-    x0 = start_point(len(ACTIONS) * (sum(sizes.values()) + 1), "zhm", 1.0, cfg.threshold)  # (5,F+1)
-    ret, length, episodes = play(Agent(vae, mdn, torch.as_tensor(x0), "zhm"), cfg.episodes, cfg.seed,
-                                 cfg.distribution_mode, record=True, desc="rule")
-    for e, r, n in zip(episodes, ret, length):
-        e["died"] = r <= 0 and n < MAX_STEPS  # ended without the win before the game's cap
+    ret, episodes = rule_games(vae, mdn, cfg.episodes, cfg.seed, cfg.distribution_mode, cfg.threshold)
     print(f"{cfg.run}: the rule (UP iff the hop head's logit < {cfg.threshold:g}) wins {(ret > 0).mean():.1%} of "
           f"{cfg.episodes} {cfg.distribution_mode} levels; its actions replayed in the frog dream of {cfg.model}")
-    return table(replay(vae, mdn, model, episodes))
+    r = replay(vae, mdn, model, episodes)
+    rows = table(r)
+    print(f"the shift of the dreamt z's hop logit that takes its mean P(death) back to the real z's: {shift(r):+.2f}")
+    return rows
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ V), pools it onto V's 8x8 grid as one more channel, and trains three hop heads a
 move of hop-then-wait play on levels of seed --seed, half of them mirrored; every --holdout-th env held out) on:
 V's z, V's z plus the frog channel, and the frog channel alone. Printed: each head's AUC on the held-out envs' UPs
 after every epoch. If z plus the frog comes near D, what V loses is the frog. frog_of, frog_steps and frog_course
-find the frog's centre the same way for docs/probe_frog_dream.py; imagined and frog_frames play and draw its dream.
+find the frog's centre the same way for docs/probe_frog_dream.py; imagined and frog_frames play and draw its dream,
+death_aucs measures its death logit.
 
     python docs/probe_frog.py --vae pretrained/hard/vae.pt --distribution-mode hard
 """
@@ -23,8 +24,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo's modules
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # and the probes beside it
-from collect import check_flags, cli, fail, list_episodes, load_episode  # noqa: E402
-from danger import HopHead, hop_auc, hop_envs, hop_epoch, hop_latents  # noqa: E402
+from collect import UP, check_flags, cli, fail, list_episodes, load_episode  # noqa: E402
+from danger import HopHead, auc, hop_auc, hop_envs, hop_epoch, hop_latents  # noqa: E402
 from dream_bench import real_frames  # noqa: E402
 from evaluate import decode  # noqa: E402
 from vae import load_vae  # noqa: E402
@@ -89,6 +90,21 @@ def imagined(model, z0, actions, tau=1.0, level="sample"):
         z_last, z, pos_last, pos = z, z_next, pos, pos_next
         zs.append(z), places.append(pos)
     return torch.stack(zs, 1), torch.stack(places, 1)
+
+
+@torch.no_grad()
+def death_aucs(model, mdn, vae, distribution_mode, steps, seed=7_000_001):
+    """The frog model's death logit (model.hop, with 0, 6 and 12 steps of lookahead) and M's hop head on the UPs of
+    `steps` env steps of hop-then-wait play on seed's levels: the AUC of "this UP kills" -> {lookahead: AUC}."""
+    hop = {k: torch.from_numpy(v) for k, v in hop_latents(vae, distribution_mode, steps, hop_envs(steps),
+                                                           seed).items()}
+    up = (hop["action"] == UP).nonzero()[:, 0]  # (U,)
+    x, died = (hop["z"][up], hop["z_last"][up], hop["action"][up]), hop["died"][up].numpy()
+    aucs = {L: auc(model.hop(*x, L).numpy(), died) for L in (0, 6, 12)}
+    m_auc = auc(mdn.hop(*x).numpy(), died) if mdn.hop is not None else float("nan")
+    print(f"hop-then-wait UPs of new levels ({len(up)}): AUC of the frog model's death logit, its 6- and 12-step "
+          f"lookahead {' / '.join(f'{v:.3f}' for v in aucs.values())}; M's hop head {m_auc:.3f}")
+    return aucs
 
 
 def frog_frames(model, vae, tau, level="sample"):

@@ -7,8 +7,9 @@ V's grid, each cell told the frog's offset from it, its last move and the action
 9 x 9 moves of -4..4 pixels and the logits of "this step wins" and "this step kills"; its first place comes from a
 locator on V's z, taught by the frog's colour (docs/probe_frog.py's cheat, for labels only). --level mean moves the
 level by its mean; --follow tells it where the frog goes; --death hop: a dream frog dies only as a move starts, by M's
-hop head (C's m, in dream and game); hop-wait: also while it waits. Printed: held-out figures, with --hop-steps AUCs
-on hop-then-wait UPs, dreams under constant actions, a hop real and dreamt, with --generations N, C searched in it.
+hop head (C's m, in dream and game); hop-wait: also while it waits; --calibrate N shifts that head's logit on the
+dreamt z by the drift measured on N training levels (probe_dream_drift.calibrated). Printed: held-out figures, with
+--hop-steps AUCs on hop-then-wait UPs, dreams under constant actions, a hop real and dreamt, C searched in it.
 
     python docs/probe_frog_dream.py --run runs --level mean --death hop --tau 0.3 --generations 30
 """
@@ -25,10 +26,10 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo's modules
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # and the probes beside it
 from collect import MAX_STEPS, NONE, UP, check_flags, cli, fail  # noqa: E402
-from danger import auc, hop_envs, hop_latents  # noqa: E402
+from danger import auc  # noqa: E402
 from dream_bench import constant_table, dream_loop, first_z, fit, search_c, write_strip  # noqa: E402
 from mdnrnn import load_mdnrnn  # noqa: E402
-from probe_frog import frog_course, frog_frames, frog_steps, imagined  # noqa: E402
+from probe_frog import death_aucs, frog_course, frog_frames, frog_steps, imagined  # noqa: E402
 from probe_grid_dream import GridModel, steps_of  # noqa: E402
 from vae import load_checkpoint, load_vae, save_atomic  # noqa: E402
 
@@ -52,6 +53,7 @@ class ProbeConfig:
     death: Literal["step", "hop", "hop-wait"] = "step"  # what kills a dream frog: the frog model's death head each
     # step; M's hop head as a move starts (C's m: its logit of UP, dream and game); hop-wait: also while it waits
     follow: bool = False  # the level's transition reads the frog's place now and next (the frog in z moves with it)
+    calibrate: int = 0  # > 0: the dreamt z's hop logit shifted by its drift measured on this many training levels
     hop_steps: int = 0  # > 0: env steps of hop-then-wait play on new levels; the death logit's AUC on its UPs (M's too)
     episodes: int = 256  # dreams per constant action, from held-out first frames
     generations: int = 0  # CMA-ES generations of C in the dream (0: no search)
@@ -68,8 +70,8 @@ class ProbeConfig:
 
     def __post_init__(self):
         check_flags(self, at_least=dict(steps=1, unroll=1, batch=1, width=2, death_steps=1, hop_steps=0, episodes=1,
-                                        generations=0, search_seed=-1, popsize=2, dream_episodes=1, max_steps=1,
-                                        check_levels=1, test_episodes=1), above=dict(tau=0))
+                                        generations=0, search_seed=-1, calibrate=0, popsize=2, dream_episodes=1,
+                                        max_steps=1, check_levels=1, test_episodes=1), above=dict(tau=0))
 
 
 def move_class(delta):
@@ -204,16 +206,17 @@ def per_step(logit, window=8.5):
 
 
 @torch.no_grad()
-def frog_dream(model, mdn, policy, z0, tau=1.0, max_steps=MAX_STEPS, level="sample", death="step"):
+def frog_dream(model, mdn, policy, z0, tau=1.0, max_steps=MAX_STEPS, level="sample", death="step", shift=0.0):
     """The frog model's dream (dream_bench's kind): policy(z (n,Z), h (n,H), the death logit of UP (n,), idx (n,))
-    -> action indices (n,); the frog starts where the locator finds it in z0. -> returns (N,), lengths (N,)."""
+    -> actions (n,); the frog starts where the locator finds it in z0; M's hop logit + shift. -> returns, lengths (N,)."""
+    hop = lambda *x: mdn.hop(*x) + shift  # noqa: E731  (C's m and the dream's death, never the game's)
     pos = model.locate(z0)  # (N,2); the first step has no earlier frame: z0 and pos stand in
     z, z_last, pos_last = z0.clone(), z0.clone(), pos.clone()
 
     def step(idx, h):
         zi, zli, pi, pli = z[idx], z_last[idx], pos[idx], pos_last[idx]
         up = torch.full((len(idx),), UP)
-        a = policy(zi, h, mdn.hop(zi, zli, up) if death != "step" else model(zi, zli, pi, pli, up)[2], idx)  # (n,)
+        a = policy(zi, h, hop(zi, zli, up) if death != "step" else model(zi, zli, pi, pli, up)[2], idx)  # (n,)
         win, dies, z[idx], pos[idx] = model.imagine(zi, zli, pi, pli, a, tau, level)
         z_last[idx], pos_last[idx] = zi, pi
         if death != "step":  # M's hop head where a move starts from rest (mid-hop the game ignores the action), with
@@ -222,7 +225,7 @@ def frog_dream(model, mdn, policy, z0, tau=1.0, max_steps=MAX_STEPS, level="samp
             judged = (rest & ((a != NONE) | (death == "hop-wait"))).nonzero()[:, 0]  # (j,)
             dies = torch.full_like(dies, -30.0)  # elsewhere never
             if len(judged):
-                logit = mdn.hop(zi[judged], zli[judged], a[judged])  # (j,)
+                logit = hop(zi[judged], zli[judged], a[judged])  # (j,)
                 dies[judged] = torch.where(a[judged] == NONE, per_step(logit), logit)
         return zi, a, win, dies
     return dream_loop(step, mdn, len(z0), max_steps)
@@ -264,18 +267,15 @@ def main(cfg):
         fail(f"{cfg.run}/vae.pt has a flat z; the frog model reads V's 8x8 grid (--spatial)")
     if cfg.death != "step" and mdn.hop is None:
         fail(f"--death {cfg.death}: {cfg.run}/mdnrnn.pt has no hop head (M trained with --hop-steps 0)")
+    if cfg.calibrate and cfg.death == "step":
+        fail("--calibrate shifts M's hop head, which --death step does not use: use --death hop or hop-wait")
     model, res = trained(cfg, vae.z_dim)
     if cfg.hop_steps:  # the issue's test of "M knows death", on levels of a stream no training step saw
-        hop = {k: torch.from_numpy(v) for k, v in hop_latents(vae, cfg.distribution_mode, cfg.hop_steps,
-                                                               hop_envs(cfg.hop_steps), 7_000_001).items()}
-        up = (hop["action"] == UP).nonzero()[:, 0]  # (U,)
-        x, died = (hop["z"][up], hop["z_last"][up], hop["action"][up]), hop["died"][up].numpy()
-        with torch.no_grad():
-            res["hop_auc"] = {L: auc(model.hop(*x, L).numpy(), died) for L in (0, 6, 12)}
-            m_auc = auc(mdn.hop(*x).numpy(), died) if mdn.hop is not None else float("nan")
-        print(f"hop-then-wait UPs of new levels ({len(up)}): AUC of the frog model's death logit, its 6- and 12-step "
-              f"lookahead {' / '.join(f'{v:.3f}' for v in res['hop_auc'].values())}; M's hop head {m_auc:.3f}")
-    dream = functools.partial(frog_dream, level=cfg.level, death=cfg.death)
+        res["hop_auc"] = death_aucs(model, mdn, vae, cfg.distribution_mode, cfg.hop_steps)
+    if cfg.calibrate:  # imported here: the drift probe imports this module
+        from probe_dream_drift import calibrated
+        res.update(calibrated(vae, mdn, model, cfg.calibrate, cfg.distribution_mode))
+    dream = functools.partial(frog_dream, level=cfg.level, death=cfg.death, shift=res.get("shift", 0.0))
     z_held = first_z(vae, cfg.episodes, cfg, 1_000_003)  # (E,Z) V's z of held-out first frames: the dreams start there
     res["constant"] = constant_table(dream, model, mdn, z_held, cfg)
     hop = [torch.full((cfg.episodes,), UP if t == 0 else NONE) for t in range(8)]  # one hop, then waiting
