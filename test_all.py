@@ -1170,7 +1170,7 @@ def test_frog_dream_probe_moves_one_frog_and_plays_the_toy_game(tmp_path, capsys
     assert str(e.value) == f"error: --death hop: {real}/mdnrnn.pt has no hop head (M trained with --hop-steps 0)"
     with pytest.raises(SystemExit) as e:
         probe.main(dataclasses.replace(cfg, run=str(real), calibrate=4))
-    assert str(e.value).startswith("error: --calibrate shifts M's hop head, which --death step does not use")
+    assert str(e.value).startswith("error: --calibrate and --shift move M's hop head, which --death step does not")
     mdn = mdnrnn.load_mdnrnn(str(real / "mdnrnn.pt"))
     mdn.hop = LeftKills()  # the rule: UP where it is safe (everywhere), the calibration's games replayed in the dream
     res = load_probe("probe_dream_drift").calibrated(vae.load_vae(str(real / "vae.pt")), mdn, model, 4, "easy")

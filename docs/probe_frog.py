@@ -8,7 +8,7 @@ move of hop-then-wait play on levels of seed --seed, half of them mirrored; ever
 V's z, V's z plus the frog channel, and the frog channel alone. Printed: each head's AUC on the held-out envs' UPs
 after every epoch. If z plus the frog comes near D, what V loses is the frog. frog_of, frog_steps and frog_course
 find the frog's centre the same way for docs/probe_frog_dream.py; imagined and frog_frames play and draw its dream,
-death_aucs measures its death logit.
+death_aucs measures its death logit, Located reads it as M's hop head is read.
 
     python docs/probe_frog.py --vae pretrained/hard/vae.pt --distribution-mode hard
 """
@@ -90,6 +90,12 @@ def imagined(model, z0, actions, tau=1.0, level="sample"):
         z_last, z, pos_last, pos = z, z_next, pos, pos_next
         zs.append(z), places.append(pos)
     return torch.stack(zs, 1), torch.stack(places, 1)
+
+
+class Located(nn.Module):  # a frog model's death logit from V's z alone, called as M's hop head is: (z, z_last, a)
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.forward = model, model.hop
 
 
 @torch.no_grad()

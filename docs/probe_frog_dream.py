@@ -8,8 +8,9 @@ V's grid, each cell told the frog's offset from it, its last move and the action
 locator on V's z, taught by the frog's colour (docs/probe_frog.py's cheat, for labels only). --level mean moves the
 level by its mean; --follow tells it where the frog goes; --death hop: a dream frog dies only as a move starts, by M's
 hop head (C's m, in dream and game); hop-wait: also while it waits; --calibrate N shifts that head's logit on the
-dreamt z by the drift measured on N training levels (probe_dream_drift.calibrated). Printed: held-out figures, with
---hop-steps AUCs on hop-then-wait UPs, dreams under constant actions, a hop real and dreamt, C searched in it.
+dreamt z by the drift measured on N training levels (probe_dream_drift.calibrated), --shift by hand. Printed:
+held-out figures, with --hop-steps AUCs on hop-then-wait UPs, dreams under constant actions, a hop real and dreamt,
+C searched in it.
 
     python docs/probe_frog_dream.py --run runs --level mean --death hop --tau 0.3 --generations 30
 """
@@ -29,7 +30,7 @@ from collect import MAX_STEPS, NONE, UP, check_flags, cli, fail  # noqa: E402
 from danger import auc  # noqa: E402
 from dream_bench import constant_table, dream_loop, first_z, fit, search_c, write_strip  # noqa: E402
 from mdnrnn import load_mdnrnn  # noqa: E402
-from probe_frog import death_aucs, frog_course, frog_frames, frog_steps, imagined  # noqa: E402
+from probe_frog import Located, death_aucs, frog_course, frog_frames, frog_steps, imagined  # noqa: E402
 from probe_grid_dream import GridModel, steps_of  # noqa: E402
 from vae import load_checkpoint, load_vae, save_atomic  # noqa: E402
 
@@ -54,6 +55,7 @@ class ProbeConfig:
     # step; M's hop head as a move starts (C's m: its logit of UP, dream and game); hop-wait: also while it waits
     follow: bool = False  # the level's transition reads the frog's place now and next (the frog in z moves with it)
     calibrate: int = 0  # > 0: the dreamt z's hop logit shifted by its drift measured on this many training levels
+    shift: float = 0.0  # added to the dreamt z's hop logit (C's m and the deaths there; > 0: deadlier), after that
     hop_steps: int = 0  # > 0: env steps of hop-then-wait play on new levels; the death logit's AUC on its UPs (M's too)
     episodes: int = 256  # dreams per constant action, from held-out first frames
     generations: int = 0  # CMA-ES generations of C in the dream (0: no search)
@@ -208,7 +210,8 @@ def per_step(logit, window=8.5):
 @torch.no_grad()
 def frog_dream(model, mdn, policy, z0, tau=1.0, max_steps=MAX_STEPS, level="sample", death="step", shift=0.0):
     """The frog model's dream (dream_bench's kind): policy(z (n,Z), h (n,H), the death logit of UP (n,), idx (n,))
-    -> actions (n,); the frog starts where the locator finds it in z0; M's hop logit + shift. -> returns, lengths (N,)."""
+    -> actions (n,); the frog starts where the locator finds it in z0; M's hop logit + shift on the dreamt z.
+    -> returns (N,), lengths (N,)."""
     hop = lambda *x: mdn.hop(*x) + shift  # noqa: E731  (C's m and the dream's death, never the game's)
     pos = model.locate(z0)  # (N,2); the first step has no earlier frame: z0 and pos stand in
     z, z_last, pos_last = z0.clone(), z0.clone(), pos.clone()
@@ -229,12 +232,6 @@ def frog_dream(model, mdn, policy, z0, tau=1.0, max_steps=MAX_STEPS, level="samp
                 dies[judged] = torch.where(a[judged] == NONE, per_step(logit), logit)
         return zi, a, win, dies
     return dream_loop(step, mdn, len(z0), max_steps)
-
-
-class Located(nn.Module):  # the frog model's death logit from V's z alone, called as M's hop head is: (z, z_last, a)
-    def __init__(self, model):
-        super().__init__()
-        self.model, self.forward = model, model.hop
 
 
 def load_frog(path, z_dim):
@@ -267,15 +264,15 @@ def main(cfg):
         fail(f"{cfg.run}/vae.pt has a flat z; the frog model reads V's 8x8 grid (--spatial)")
     if cfg.death != "step" and mdn.hop is None:
         fail(f"--death {cfg.death}: {cfg.run}/mdnrnn.pt has no hop head (M trained with --hop-steps 0)")
-    if cfg.calibrate and cfg.death == "step":
-        fail("--calibrate shifts M's hop head, which --death step does not use: use --death hop or hop-wait")
+    if (cfg.calibrate or cfg.shift) and cfg.death == "step":
+        fail("--calibrate and --shift move M's hop head, which --death step does not use: use --death hop or hop-wait")
     model, res = trained(cfg, vae.z_dim)
     if cfg.hop_steps:  # the issue's test of "M knows death", on levels of a stream no training step saw
         res["hop_auc"] = death_aucs(model, mdn, vae, cfg.distribution_mode, cfg.hop_steps)
     if cfg.calibrate:  # imported here: the drift probe imports this module
         from probe_dream_drift import calibrated
         res.update(calibrated(vae, mdn, model, cfg.calibrate, cfg.distribution_mode))
-    dream = functools.partial(frog_dream, level=cfg.level, death=cfg.death, shift=res.get("shift", 0.0))
+    dream = functools.partial(frog_dream, level=cfg.level, death=cfg.death, shift=res.get("shift", 0.0) + cfg.shift)
     z_held = first_z(vae, cfg.episodes, cfg, 1_000_003)  # (E,Z) V's z of held-out first frames: the dreams start there
     res["constant"] = constant_table(dream, model, mdn, z_held, cfg)
     hop = [torch.full((cfg.episodes,), UP if t == 0 else NONE) for t in range(8)]  # one hop, then waiting
