@@ -111,7 +111,8 @@ def shift(r):
     dreamt, target = r["dreamt"][m], torch.sigmoid(r["real"][m]).mean()
     lo, hi = -20.0, 20.0
     for _ in range(60):  # the mean of sigmoid(dreamt + b) rises with b
-        lo, hi = ((lo + hi) / 2, hi) if torch.sigmoid(dreamt + (lo + hi) / 2).mean() < target else (lo, (lo + hi) / 2)
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if torch.sigmoid(dreamt + mid).mean() < target else (lo, mid)
     return (lo + hi) / 2
 
 
