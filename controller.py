@@ -1,7 +1,7 @@
 """C: the controller of World Models (Ha & Schmidhuber 2018, section 2.3), one linear layer + sigmoid on [z_t, h_t] -> 5
-action scores, trained by CMA-ES (`cma`) on the real game or in M's dream (section 4). With --inputs zhd (the default)
-it also reads D's logit of "this UP is deadly" (danger.py), with zhm M's (its hop head on V's z), and starts at the rule
-it implies, "UP iff it is < --start-threshold". Rollouts are batched, split over processes (or Ray's).
+action scores, trained by CMA-ES (`cma`) in the real game or in M's dream (section 4), rollouts batched over processes.
+--inputs zhd (the default) adds D's logit of "this UP is deadly" (danger.py), zhm M's (its hop head on V's z), and C
+starts at the rule it implies, "UP iff it is < --start-threshold".
 
     python controller.py                          # runs/vae.pt, mdnrnn.pt, danger.pt -> runs/controller.pt
     python controller.py --inputs zh --out runs/controller_zh.pt     # Ha's C on [z, h], without D
@@ -108,12 +108,14 @@ class Agent:
             return actions
         z = self.vae.encode(to_input(obs[idx]))[0]  # V: (n,Z), mu, no sampling at control time (as Ha)
         z_last, self.z_last[idx] = torch.where(torch.from_numpy(first[idx])[:, None], z, self.z_last[idx]), z  # (n,Z)
-        d = danger_logit(self.inputs, self.danger, self.mdn, z, z_last, obs[idx], last[idx])  # (n,) or None
-        weights = self.weights if self.weights.dim() == 2 else self.weights[idx]
-        a = choose(weights, features(z, h[0, idx], self.inputs, d))  # C: (n,) action indices
+        a = self.decide(z, z_last, h[0, idx], obs[idx], last[idx], idx)  # C: (n,) action indices
         h[:, idx], c[:, idx] = self.mdn.advance(z, a, (h[:, idx], c[:, idx]))  # M remembers what was done
         actions[idx] = ACTIONS[a.numpy()]
         return actions
+
+    def decide(self, z, z_last, h, obs, last, idx):  # C's move for the live envs idx (n,): (n,) action indices
+        d = danger_logit(self.inputs, self.danger, self.mdn, z, z_last, obs, last)  # (n,) or None
+        return choose(self.weights if self.weights.dim() == 2 else self.weights[idx], features(z, h, self.inputs, d))
 
 
 def rollout(vae, mdn, params, level_seeds, distribution_mode, inputs, max_steps=MAX_STEPS, danger=None):
@@ -197,8 +199,7 @@ def resume(es, ckpt, path):
 
 
 def make_search(cfg, sizes):
-    """The CMA-ES object at its start. Fan-in scaled steps, as in weight init: each input group (z: 128
-    numbers, h: 256, d: 1) starts with the same say in C's scores, so one d is not drowned by 384 others."""
+    """CMA-ES at its start, steps scaled by fan-in as in weight init: z, h and d start with one say each."""
     n_params = len(ACTIONS) * (sum(sizes.values()) + 1)
     stds = np.concatenate([np.full(n, n ** -0.5) for n in sizes.values()] + [np.ones(1)])  # (n_features+1,)
     x0 = start_point(n_params, cfg.inputs, cfg.danger_prior, cfg.start_threshold).ravel()  # (5*(n_features+1),)
@@ -291,8 +292,7 @@ def train(cfg):
                 f.write(json.dumps({k: float(v) for k, v in row.items()}) + "\n")
     finally:  # stop the workers: at once after an error or Ctrl-C; after a clean run wait for them (wait=False
         if pool:  # races Python's exit hook there: "OSError: Bad file descriptor", cpython#83279). Ray's: terminate.
-            clean = sys.exc_info()[0] is None
-            pool.terminate() if hasattr(pool, "terminate") else pool.shutdown(wait=clean, cancel_futures=True)
+            pool.terminate() if hasattr(pool, "terminate") else pool.shutdown(not sys.exc_info()[0], cancel_futures=True)
     return best
 
 

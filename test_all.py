@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import time
+import types
 
 import cma
 import numpy as np
@@ -836,6 +837,27 @@ def test_rules_probe_counts_steps_since_the_last_up(tiny_run, capsys, one_torch_
     probe.main(probe.ProbeConfig(run=str(tiny_run), episodes=4, thresholds="0,-2"))
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("M hop head")]
     assert [r.split(",")[1].split()[:2] for r in rows] == [["thr", "0"], ["thr", "-2"]]
+    probe.main(probe.ProbeConfig(run=str(tiny_run), episodes=4, thresholds="0", escape="1", mirror=True))
+    rows = [line[:38].strip() for line in capsys.readouterr().out.splitlines() if line.startswith("M hop head")]
+    assert rows == ["M hop head, thr 0", "M hop head, thr 0 mirrored", "M hop head, thr 0 mirrored, escape 1"]
+
+
+def test_rules_probe_escapes_to_the_safest_move_and_reads_the_mirror():
+    """Safest: UP iff its logit < thr; else the lowest logit but UP's, waiting's lowered by the margin (None: wait).
+    Mirrored, move m's logit is averaged with the mirror image's logit of MIRROR[m] (LEFT <-> RIGHT)."""
+    probe = load_probe("probe_rules")
+    LEFT, DOWN, NONE, UP = (collect.ACTION_NAMES.index(a) for a in ("LEFT", "DOWN", "NONE", "UP"))
+    table = torch.tensor([[0.0, 5, 9, 2, 1], [0.0, 5, 9, -3, 1], [7.0, 5, 3, 2, 9]])  # (3 envs, 5 moves) logits
+    mdn = types.SimpleNamespace(hop=lambda z, z_last, a: table[torch.arange(len(a)), a])
+    z = torch.zeros(3, 4)
+    for margin, want in ((1.0, [LEFT, UP, NONE]), (None, [NONE, UP, NONE])):
+        assert probe.Safest(None, mdn, -1.0, margin).decide(z, z, None, None, None, None).tolist() == want
+    mdn.hop = lambda z, z_last, a: z[:, 0] + a.float()  # logit = move index, +10 on the mirrored z
+    safest = probe.Safest(None, mdn, 7.9, 0.0, mirror=True)
+    safest.zm = z + 10, z + 10
+    assert safest.decide(z, z, None, None, None, None).tolist() == [DOWN] * 3  # LEFT = RIGHT = NONE = 7, DOWN 6, UP 8
+    safest.thr = 8.5
+    assert safest.decide(z, z, None, None, None, None).tolist() == [UP] * 3
 
 
 def test_on_policy_probe_labels_the_last_up_and_records_steps_since_it(tiny_run, capsys, one_torch_thread):

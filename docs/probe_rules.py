@@ -2,9 +2,12 @@
 from M's hop head (V's z), on the same held-out levels: wins, deaths within a hop (5 steps) of an UP (the UP
 was called safe and was not), deaths while waiting longer (the frog stood in a lane or on a log too long),
 and timeouts at the game's 500-step cap. No search: this is the rule CMA-ES starts from (danger.start_point),
-played by controller.Agent itself, and most of the trained agent's skill (README).
+played by controller.Agent itself, and most of the trained agent's skill (README). Two variants of M's rule try to
+take back the deaths: --escape M (a rejected UP takes the move the hop head calls safest, waiting favoured by M
+logits: a sidestep when waiting kills) and --mirror (the head's logits averaged over the frame and its mirror image).
 
     python docs/probe_rules.py --run runs --episodes 1000 --thresholds=0,-1.5
+    python docs/probe_rules.py --run RUN --distribution-mode hard --seed 7 --episodes 500 --thresholds=-1 --escape=1,2
 """
 import os
 import sys
@@ -15,12 +18,12 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo's modules
-from collect import ACTIONS, MAX_STEPS, UP, check_flags, cli, fail  # noqa: E402
+from collect import ACTIONS, MAX_STEPS, NONE, UP, check_flags, cli, fail  # noqa: E402
 from controller import Agent, input_sizes  # noqa: E402
-from danger import load_danger, start_point  # noqa: E402
+from danger import MIRROR, load_danger, start_point  # noqa: E402
 from evaluate import play  # noqa: E402
 from mdnrnn import load_mdnrnn  # noqa: E402
-from vae import load_vae  # noqa: E402
+from vae import load_vae, to_input  # noqa: E402
 
 
 @dataclass
@@ -29,14 +32,17 @@ class ProbeConfig:
     distribution_mode: Literal["easy", "hard"] = "easy"  # procgen difficulty of the levels
     episodes: int = 1000  # held-out levels per rule
     thresholds: str = "0"  # comma-separated: UP iff the logit < thr (0: C's start point)
+    escape: str = ""  # comma-separated margins: M's rule, a rejected UP taking the safest other move (wait + margin)
+    mirror: bool = False  # M's rules read the hop head's logits averaged over the frame and its mirror image
     seed: int = 1_000_003  # level stream (evaluate.py's held-out one)
 
     def __post_init__(self):
         check_flags(self, at_least=dict(episodes=1))
-        try:
-            self.thr = [float(t) for t in self.thresholds.split(",")]
-        except ValueError:
-            fail(f"--thresholds {self.thresholds}: expected comma-separated numbers, e.g. --thresholds=0,-1.5")
+        for flag in ("thresholds", "escape"):
+            try:
+                setattr(self, flag[:3], [float(t) for t in getattr(self, flag).split(",") if t])
+            except ValueError:
+                fail(f"--{flag} {getattr(self, flag)}: expected comma-separated numbers, e.g. --{flag}=0,-1.5")
 
 
 class Counting:
@@ -56,24 +62,64 @@ class Counting:
         return actions
 
 
+class Safest(Agent):
+    """M's rule "UP iff the hop head's logit of UP < thr"; else, with a margin, the move (not UP) whose logit is the
+    lowest, waiting's lowered by the margin (None: wait); with mirror, each logit averaged with the mirror image's."""
+
+    def __init__(self, vae, mdn, thr, margin=None, mirror=False):
+        super().__init__(vae, mdn, torch.zeros(len(ACTIONS), 2), "zhm")
+        self.thr, self.margin, self.mirror = thr, margin, mirror
+
+    def reset(self, num_envs):
+        super().reset(num_envs)
+        self.zm_last = torch.zeros(num_envs, self.vae.z_dim)  # (N,Z): V's z of each env's last frame, mirrored
+
+    def act(self, obs, first, alive=None):  # V's z of the mirrored frame, and of the last one, for decide
+        if self.mirror:
+            idx = np.arange(len(obs)) if alive is None else np.flatnonzero(alive)
+            zm = self.vae.encode(to_input(obs[idx]).flip(-1))[0]  # (n,Z): left and right swapped
+            self.zm = zm, torch.where(torch.from_numpy(np.asarray(first)[idx])[:, None], zm, self.zm_last[idx])
+            self.zm_last[idx] = zm
+        return super().act(obs, first, alive)
+
+    def decide(self, z, z_last, h, obs, last, idx):
+        moves = torch.arange(len(ACTIONS))
+        logit = torch.stack([self.mdn.hop(z, z_last, a.expand(len(z))) for a in moves], 1)  # (n,5)
+        if self.mirror:  # the mirror's move m is this frame's MIRROR[m]: LEFT <-> RIGHT
+            logit = (logit + torch.stack([self.mdn.hop(*self.zm, a.expand(len(z))) for a in MIRROR], 1)) / 2
+        other = logit - (moves == NONE) * (self.margin or 0.0) + (moves == UP) * 1e9  # (n,5): UP never "other"
+        rest = other.argmin(1) if self.margin is not None else torch.full((len(z),), NONE)
+        return torch.where(logit[:, UP] < self.thr, UP, rest)
+
+
+def report(name, agent, cfg):
+    """Play agent on cfg's levels and print one row: how it wins and how it loses."""
+    policy = Counting(agent)
+    ret, length = play(policy, cfg.episodes, cfg.seed, cfg.distribution_mode, desc=name)
+    win, timeout = ret > 0, (ret <= 0) & (length >= MAX_STEPS)
+    died, win_length = ~win & ~timeout, length[win].mean() if win.any() else float("nan")
+    print(f"{name:<38} {win.mean():>6.1%} {(died & (policy.final <= 5)).mean():>13.1%} "
+          f"{(died & (policy.final > 5)).mean():>12.1%} {timeout.mean():>7.1%} {win_length:>10.1f}")
+
+
 def main(cfg):
     vae, mdn = load_vae(os.path.join(cfg.run, "vae.pt")), load_mdnrnn(os.path.join(cfg.run, "mdnrnn.pt"))
     d_path = os.path.join(cfg.run, "danger.pt")
     readers = [("zhd", load_danger(d_path))] if os.path.exists(d_path) else []
     readers += [("zhm", None)] if mdn.hop is not None else []
     print(f"{cfg.run}: {cfg.episodes} {cfg.distribution_mode} levels of seed {cfg.seed}")
-    print(f"{'rule':<22} {'win':>6} {'died after UP':>13} {'died waiting':>12} {'timeout':>7} {'win length':>10}")
+    print(f"{'rule':<38} {'win':>6} {'died after UP':>13} {'died waiting':>12} {'timeout':>7} {'win length':>10}")
     for inputs, danger in readers:
         sizes = input_sizes(inputs, vae.z_dim, mdn.hidden)
         for thr in cfg.thr:
             x0 = start_point(len(ACTIONS) * (sum(sizes.values()) + 1), inputs, 1.0, thr)  # (5,F+1): UP iff logit < thr
-            policy = Counting(Agent(vae, mdn, torch.as_tensor(x0), inputs, danger))
-            ret, length = play(policy, cfg.episodes, cfg.seed, cfg.distribution_mode, desc=f"{inputs} {thr}")
-            win, timeout = ret > 0, (ret <= 0) & (length >= MAX_STEPS)
-            died, win_length = ~win & ~timeout, length[win].mean() if win.any() else float("nan")
             name = f"{'D' if inputs == 'zhd' else 'M hop head'}, thr {thr:g}"
-            print(f"{name:<22} {win.mean():>6.1%} {(died & (policy.final <= 5)).mean():>13.1%} "
-                  f"{(died & (policy.final > 5)).mean():>12.1%} {timeout.mean():>7.1%} {win_length:>10.1f}")
+            report(name, Agent(vae, mdn, torch.as_tensor(x0), inputs, danger), cfg)
+            if inputs == "zhm":  # M's variants: mirrored, escaping
+                mirrored = " mirrored" if cfg.mirror else ""
+                for margin in ([None] if cfg.mirror else []) + cfg.esc:
+                    report(name + mirrored + (f", escape {margin:g}" if margin is not None else ""),
+                           Safest(vae, mdn, thr, margin, cfg.mirror), cfg)
 
 
 if __name__ == "__main__":
