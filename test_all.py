@@ -858,6 +858,10 @@ def test_rules_probe_escapes_to_the_safest_move_and_reads_the_mirror():
     assert safest.decide(z, z, None, None, None, None).tolist() == [DOWN] * 3  # LEFT = RIGHT = NONE = 7, DOWN 6, UP 8
     safest.thr = 8.5
     assert safest.decide(z, z, None, None, None, None).tolist() == [UP] * 3
+    for flags, said in ((dict(escape="1,x"), "--escape 1,x: expected"), (dict(thresholds=""), "--thresholds: expected")):
+        with pytest.raises(SystemExit) as e:
+            probe.ProbeConfig(**flags)
+        assert said in str(e.value)
 
 
 def test_on_policy_probe_labels_the_last_up_and_records_steps_since_it(tiny_run, capsys, one_torch_thread):

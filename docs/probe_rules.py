@@ -38,11 +38,15 @@ class ProbeConfig:
 
     def __post_init__(self):
         check_flags(self, at_least=dict(episodes=1))
-        for flag in ("thresholds", "escape"):
+
+        def numbers(flag, text):  # "0,-1.5" -> [0.0, -1.5], or one error line naming the flag
             try:
-                setattr(self, flag[:3], [float(t) for t in getattr(self, flag).split(",") if t])
+                return [float(t) for t in text.split(",") if t.strip()]
             except ValueError:
-                fail(f"--{flag} {getattr(self, flag)}: expected comma-separated numbers, e.g. --{flag}=0,-1.5")
+                fail(f"--{flag} {text}: expected comma-separated numbers, e.g. --{flag}=0,-1.5")
+        self.thr, self.esc = numbers("thresholds", self.thresholds), numbers("escape", self.escape)
+        if not self.thr:
+            fail("--thresholds: expected at least one number, e.g. --thresholds=0")
 
 
 class Counting:
