@@ -91,8 +91,10 @@ class Safest(Agent):
         logit = torch.stack([self.mdn.hop(z, z_last, a.expand(len(z))) for a in moves], 1)  # (n,5)
         if self.mirror:  # the mirror's move m is this frame's MIRROR[m]: LEFT <-> RIGHT
             logit = (logit + torch.stack([self.mdn.hop(*self.zm, a.expand(len(z))) for a in MIRROR], 1)) / 2
-        other = logit - (moves == NONE) * (self.margin or 0.0) + (moves == UP) * 1e9  # (n,5): UP never "other"
-        rest = other.argmin(1) if self.margin is not None else torch.full((len(z),), NONE)
+        if self.margin is None:  # a rejected UP waits
+            rest = torch.full((len(z),), NONE)
+        else:  # the safest other move, waiting's logit lowered by the margin; UP is never one of them
+            rest = (logit - (moves == NONE) * self.margin + (moves == UP) * 1e9).argmin(1)  # (n,)
         return torch.where(logit[:, UP] < self.thr, UP, rest)
 
 
