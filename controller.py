@@ -199,7 +199,7 @@ def resume(es, ckpt, path):
 
 
 def make_search(cfg, sizes):
-    """CMA-ES at its start, steps scaled by fan-in as in weight init: z, h and d start with one say each."""
+    """CMA-ES at its start, steps scaled by fan-in as in weight init: one d is not drowned by the 384 of z and h."""
     n_params = len(ACTIONS) * (sum(sizes.values()) + 1)
     stds = np.concatenate([np.full(n, n ** -0.5) for n in sizes.values()] + [np.ones(1)])  # (n_features+1,)
     x0 = start_point(n_params, cfg.inputs, cfg.danger_prior, cfg.start_threshold).ravel()  # (5*(n_features+1),)
