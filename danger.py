@@ -70,15 +70,16 @@ class DangerNet(nn.Module):
 class HopHead(nn.Module):
     """M's hop head (mdnrnn.MDNRNN.hop), the world model's answer to "does this move kill?": the logit of P(the frog
     dies before its next move | move a now), from V's z of this frame and the last (the cars' speeds need two). A
-    spatial z is read as what it is, z_dim/64 channels on V's 8x8 grid of cells, by two 3x3 convs (the action: 5
-    constant planes); a flat z by an MLP. Not a second perception: it sees the game only through V."""
+    spatial z is read as what it is, z_dim/64 channels on V's 8x8 grid of cells, by `convs` 3x3 convs (the action:
+    5 constant planes); a flat z by an MLP. Not a second perception: it sees the game only through V."""
 
-    def __init__(self, z_dim, grid=True, n_actions=5, width=32):
+    def __init__(self, z_dim, grid=True, n_actions=5, width=32, convs=2):
         super().__init__()
         self.grid, self.n_actions = grid, n_actions
+        ins = [2 * z_dim // 64 + n_actions] + [width] * (convs - 1)  # each 3x3 conv sees one more cell around
         self.net = nn.Sequential(  # (B,2c+A,8,8) -> (B,1)
-            nn.Conv2d(2 * z_dim // 64 + n_actions, width, 3, 1, 1), nn.ReLU(), nn.Conv2d(width, width, 3, 1, 1),
-            nn.ReLU(), nn.Flatten(), nn.Linear(width * 64, 64), nn.ReLU(), nn.Linear(64, 1)) if grid else \
+            *[m for c in ins for m in (nn.Conv2d(c, width, 3, 1, 1), nn.ReLU())], nn.Flatten(),
+            nn.Linear(width * 64, 64), nn.ReLU(), nn.Linear(64, 1)) if grid else \
             nn.Sequential(nn.Linear(2 * z_dim + n_actions, 256), nn.ReLU(), nn.Linear(256, 1))  # (B,2Z+A) -> (B,1)
 
     def forward(self, z, z_last, action):

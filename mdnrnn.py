@@ -12,7 +12,6 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -24,7 +23,7 @@ from tqdm import tqdm
 LOG_SIGMA_MIN, LOG_SIGMA_MAX = -5.0, 2.0  # sigma in [0.007, 7.4]: the density cannot blow up
 
 
-@dataclass
+@dataclasses.dataclass
 class MDNConfig:
     data: str = "runs/data"  # episodes written by collect.py
     vae: str = "runs/vae.pt"  # trained V, used to encode the episodes
@@ -39,6 +38,8 @@ class MDNConfig:
     grad_clip: float = 1.0  # gradient norm clipping
     hop_steps: int = 400_000  # env steps of hop-then-wait play (danger.py) that M's hop head learns from (0: none)
     hop_epochs: int = 10  # passes of the hop head over those moves, in M's first epochs (hard: 30 memorise them)
+    hop_width: int = 32  # channels of the hop head's 3x3 convs on V's grid (hard, without D: 64)
+    hop_convs: int = 2  # the hop head's 3x3 convs (hard, without D: 3; a wider view of the cars)
     distribution_mode: Literal["easy", "hard"] = "easy"  # procgen difficulty of that play
     holdout: int = 20  # every holdout-th episode is kept out of training, for the test numbers
     seed: int = 0  # seeds torch and the shuffling
@@ -50,7 +51,7 @@ class MDNConfig:
         from vae import pick_device
         pick_device(self.device)
         check_flags(self, above=dict(lr=0, grad_clip=0), at_least=dict(hidden=1, gaussians=1, seq_len=1, batch_size=1,
-                                                                         epochs=1, holdout=0, hop_steps=0, hop_epochs=1))
+                    epochs=1, holdout=0, hop_steps=0, hop_epochs=1, hop_width=1, hop_convs=1))
 
 
 class MDNRNN(nn.Module):
@@ -240,13 +241,13 @@ def train(cfg):
     data, held = load_sequences(latents, cfg.seq_len, cfg.holdout)
     train_idx = torch.from_numpy(np.flatnonzero(~held))  # batches index `data`: no copy of the training set
     test_set = {k: t[held] for k, t in data.items()} if held.any() else data
-    z_dim, n_train = data["mu"].shape[-1], len(train_idx)
+    z_dim, n_train, config = data["mu"].shape[-1], len(train_idx), dataclasses.asdict(cfg)
     hop, hop_idx, hop_test = hop_set(cfg)  # danger.py: hop-then-wait play, as V sees it
-    m = MDNRNN(z_dim, cfg.hidden, cfg.gaussians, hop=HopHead(z_dim, grid) if cfg.hop_steps else None)
+    size = dict(width=cfg.hop_width, convs=cfg.hop_convs)  # saved as hop_size (older files: the defaults' head)
+    m = MDNRNN(z_dim, cfg.hidden, cfg.gaussians, hop=HopHead(z_dim, grid, **size) if cfg.hop_steps else None)
     model, opt, epoch, step, dev = start_training(m, cfg.lr, ckpt, cfg.device)
-    print(f"M: {sum(p.numel() for p in model.parameters()):,} parameters, {n_train} training "
-          f"sequences, {int(held.sum())} held-out, {len(hop_idx)} moves for the hop head; before training: "
-          f"{test_metrics(model, test_set)}")
+    print(f"M: {sum(p.numel() for p in model.parameters()):,} parameters, {n_train} training sequences, "
+          f"{int(held.sum())} held-out, {len(hop_idx)} hop moves; before training: {test_metrics(model, test_set)}")
     while epoch < cfg.epochs:
         model.train()
         t0, tot = time.time(), np.zeros(3)
@@ -273,9 +274,8 @@ def train(cfg):
                    **({"hop_bce": hop_bce} if len(moves) else {}), test_hop_auc=hop_auc(model, hop, hop_test),
                    steps_per_s=float(data["step_mask"][train_idx].sum()) / (time.time() - t0))
         print("M " + " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
-        config = dataclasses.asdict(cfg)
         save_atomic(dict(model=model.state_dict(), optimizer=opt.state_dict(), config=config, z_dim=z_dim, grid=grid,
-                         epoch=epoch, step=step, hop_env_steps=hop_env_steps(cfg.hop_steps),
+                         epoch=epoch, step=step, hop_env_steps=hop_env_steps(cfg.hop_steps), hop_size=size,
                          made_from=dict(vae=vae_id), id=identity(config, epoch=epoch, vae=vae_id)), cfg.out)
         with open(os.path.splitext(cfg.out)[0] + ".jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
@@ -287,7 +287,7 @@ def load_mdnrnn(path):
     from danger import HopHead
     from vae import load_checkpoint
     ckpt = load_checkpoint(path)
-    hop = HopHead(ckpt["z_dim"], ckpt["grid"]) if ckpt.get("hop_env_steps") else None  # None: --hop-steps 0, or older
+    hop = HopHead(ckpt["z_dim"], ckpt["grid"], **ckpt.get("hop_size", {})) if ckpt.get("hop_env_steps") else None
     model = MDNRNN(ckpt["z_dim"], ckpt["config"]["hidden"], ckpt["config"]["gaussians"], hop=hop)
     model.load_state_dict({k: v.float() for k, v in ckpt["model"].items()})
     model.id = ckpt.get("id", "")  # what made it: later stages record it (made_from)

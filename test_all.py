@@ -1653,6 +1653,31 @@ def test_hop_head_trains_only_in_ms_first_hop_epochs(tiny_run, tmp_path):
     assert np.isfinite(rows[0]["hop_bce"]) and all("hop_bce" not in r for r in rows[1:])
 
 
+def test_hop_head_size_is_a_flag_and_travels_in_the_checkpoint(tmp_path):
+    """--hop-width/--hop-convs shape M's hop head on V's grid (the no-D hard runs' larger head); the checkpoint keeps
+    the size, so load_mdnrnn rebuilds the same head and the same logits; a file from before the flags (no hop_size)
+    still loads, as the default head it was."""
+    collect_quiet(tmp_path / "data", episodes=8, num_envs=8)
+    vae.train(VAEConfig(data=str(tmp_path / "data"), out=str(tmp_path / "vae.pt"), z_dim=64, spatial=True, epochs=1,
+                        batch_size=64))
+    m = dict(data=str(tmp_path / "data"), vae=str(tmp_path / "vae.pt"), latents=str(tmp_path / "latents"), hidden=8,
+             gaussians=1, epochs=1, hop_steps=512)
+    big = mdnrnn.train(MDNConfig(**m, out=str(tmp_path / "big.pt"), hop_width=8, hop_convs=3))
+    convs = [x for x in big.hop.net if isinstance(x, torch.nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels) for c in convs] == [(2 + 5, 8), (8, 8), (8, 8)]  # 1 channel a cell
+    z, a = torch.randn(6, 64), torch.randint(0, 5, (6,))
+    assert torch.equal(mdnrnn.load_mdnrnn(str(tmp_path / "big.pt")).hop(z, z.flip(0), a), big.hop(z, z.flip(0), a))
+    mdnrnn.train(MDNConfig(**m, out=str(tmp_path / "old.pt")))
+    ckpt = torch.load(tmp_path / "old.pt", weights_only=True)
+    del ckpt["hop_size"]  # as M's stage wrote it before the flags
+    torch.save(ckpt, tmp_path / "old.pt")
+    old = mdnrnn.load_mdnrnn(str(tmp_path / "old.pt"))
+    assert [c.out_channels for c in old.hop.net if isinstance(c, torch.nn.Conv2d)] == [32, 32]
+    with pytest.raises(SystemExit) as e:
+        MDNConfig(hop_convs=0)
+    assert "--hop-convs 0" in str(e.value)
+
+
 def test_load_agent_refuses_parts_not_trained_together(tmp_path):
     mixed = shutil.copytree(os.path.join(HERE, "pretrained", "hard"), tmp_path / "mixed")
     shutil.copy(os.path.join(HERE, "pretrained", "easy", "vae.pt"), mixed / "vae.pt")  # same sizes, other V

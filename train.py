@@ -50,6 +50,8 @@ class TrainConfig:
     gaussians: int = 5  # M's mixture components per latent dim
     mdn_epochs: int = 30  # passes of M over the sequences (its held-out NLL and death AUC still improve from 10 to 30)
     hop_steps: int = 400_000  # env steps of hop-then-wait play that M's hop head learns from (0: none)
+    hop_width: int = 32  # channels of the hop head's 3x3 convs on V's grid
+    hop_convs: int = 2  # the hop head's 3x3 convs
     danger_steps: int = 400_000  # env steps of hop-then-wait play that D learns from (0: no D)
     danger_epochs: int = 20  # passes of D over the recorded UPs (mirrored at random)
     generations: int = 30  # CMA-ES generations
@@ -78,7 +80,7 @@ class TrainConfig:
         collect.check_flags(self, at_least=dict(
             episodes=1, z_dim=1, vae_epochs=1, hidden=1, gaussians=1, mdn_epochs=1, danger_steps=0, danger_epochs=1,
             generations=1, popsize=2, levels=1, max_steps=1, eval_every=1, eval_levels=1, workers=0, eval_episodes=0,
-            death_steps=0, up_prob=0, dream_episodes=1, hop_steps=0, iterations=1, explore=0),
+            death_steps=0, up_prob=0, dream_episodes=1, hop_steps=0, iterations=1, explore=0, hop_width=1, hop_convs=1),
             above=dict(sigma0=0, temperature=0))
         if self.explore > 1:
             collect.fail(f"--explore {self.explore}: a probability, expected 0 to 1")
@@ -211,6 +213,7 @@ def round_stages(cfg, here, k):
     print(f"== 3/5 encode, play hop-then-wait for M's hop head, and train M{tag}")
     mdnrnn.train(mdnrnn.MDNConfig(data=path("data"), vae=path("vae.pt"), out=path("mdnrnn.pt"), hidden=cfg.hidden,
                                   gaussians=cfg.gaussians, epochs=cfg.mdn_epochs, hop_steps=cfg.hop_steps,
+                                  hop_width=cfg.hop_width, hop_convs=cfg.hop_convs,
                                   distribution_mode=cfg.distribution_mode, seed=cfg.seed, resume=True,
                                   device=cfg.device))
     print("== 4/5 no D (--danger-steps 0)" if not cfg.danger_steps else "== 4/5 train D on hop-then-wait play"
