@@ -1492,8 +1492,8 @@ def test_module_defaults_are_the_pipelines():
     import train
     t = train.TrainConfig()
     assert (VAEConfig.z_dim, VAEConfig.spatial, VAEConfig.epochs) == (t.z_dim, t.spatial, t.vae_epochs)
-    assert (MDNConfig.hidden, MDNConfig.gaussians, MDNConfig.epochs, MDNConfig.hop_steps) == (
-        t.hidden, t.gaussians, t.mdn_epochs, t.hop_steps)
+    assert (MDNConfig.hidden, MDNConfig.gaussians, MDNConfig.epochs, MDNConfig.hop_steps, MDNConfig.hop_width,
+            MDNConfig.hop_convs) == (t.hidden, t.gaussians, t.mdn_epochs, t.hop_steps, t.hop_width, t.hop_convs)
     assert (CConfig.generations, CConfig.inputs, CConfig.popsize, CConfig.levels) == (
         t.generations, t.inputs, t.popsize, t.levels)
     assert (CollectConfig.episodes, danger.DangerConfig.steps, danger.DangerConfig.epochs) == (

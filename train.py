@@ -50,8 +50,8 @@ class TrainConfig:
     gaussians: int = 5  # M's mixture components per latent dim
     mdn_epochs: int = 30  # passes of M over the sequences (its held-out NLL and death AUC still improve from 10 to 30)
     hop_steps: int = 400_000  # env steps of hop-then-wait play that M's hop head learns from (0: none)
-    hop_width: int = 32  # channels of the hop head's 3x3 convs on V's grid
-    hop_convs: int = 2  # the hop head's 3x3 convs
+    hop_width: int = 32  # channels of the hop head's 3x3 convs on V's grid (hard without D: 64, README)
+    hop_convs: int = 2  # the hop head's 3x3 convs (hard without D: 3; each sees the cars one cell further)
     danger_steps: int = 400_000  # env steps of hop-then-wait play that D learns from (0: no D)
     danger_epochs: int = 20  # passes of D over the recorded UPs (mirrored at random)
     generations: int = 30  # CMA-ES generations
