@@ -184,8 +184,7 @@ def load_sequences(latents, seq_len, holdout):
       next_mask (N,L): z_{t+1} exists (not after the episode's last step)."""
     from collect import MAX_STEPS, fail
     pad = lambda x, length: np.pad(x, [(0, length - len(x))] + [(0, 0)] * (x.ndim - 1))  # zeros along axis 0
-    files = sorted(f for f in os.listdir(latents) if f.endswith(".npz"))
-    if not files:
+    if not (files := sorted(f for f in os.listdir(latents) if f.endswith(".npz"))):
         fail(f"{latents}: no encoded episodes")
     cols, held = {k: [] for k in ("mu", "logvar", "action", "win", "death", "step_mask", "next_mask")}, []
     for k, name in enumerate(files):
@@ -243,8 +242,8 @@ def train(cfg):
     test_set = {k: t[held] for k, t in data.items()} if held.any() else data
     z_dim, n_train, config = data["mu"].shape[-1], len(train_idx), dataclasses.asdict(cfg)
     hop, hop_idx, hop_test = hop_set(cfg)  # danger.py: hop-then-wait play, as V sees it
-    size = dict(width=cfg.hop_width, convs=cfg.hop_convs)  # saved as hop_size (older files: the defaults' head)
-    m = MDNRNN(z_dim, cfg.hidden, cfg.gaussians, hop=HopHead(z_dim, grid, **size) if cfg.hop_steps else None)
+    head = HopHead(z_dim, grid, width=cfg.hop_width, convs=cfg.hop_convs) if cfg.hop_steps else None  # size: config
+    m = MDNRNN(z_dim, cfg.hidden, cfg.gaussians, hop=head)
     model, opt, epoch, step, dev = start_training(m, cfg.lr, ckpt, cfg.device)
     print(f"M: {sum(p.numel() for p in model.parameters()):,} parameters, {n_train} training sequences, "
           f"{int(held.sum())} held-out, {len(hop_idx)} hop moves; before training: {test_metrics(model, test_set)}")
@@ -275,7 +274,7 @@ def train(cfg):
                    steps_per_s=float(data["step_mask"][train_idx].sum()) / (time.time() - t0))
         print("M " + " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
         save_atomic(dict(model=model.state_dict(), optimizer=opt.state_dict(), config=config, z_dim=z_dim, grid=grid,
-                         epoch=epoch, step=step, hop_env_steps=hop_env_steps(cfg.hop_steps), hop_size=size,
+                         epoch=epoch, step=step, hop_env_steps=hop_env_steps(cfg.hop_steps),
                          made_from=dict(vae=vae_id), id=identity(config, epoch=epoch, vae=vae_id)), cfg.out)
         with open(os.path.splitext(cfg.out)[0] + ".jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
@@ -286,9 +285,10 @@ def load_mdnrnn(path):
     """Rebuild M from its checkpoint alone (a file that is not one gets vae.load_checkpoint's error line)."""
     from danger import HopHead
     from vae import load_checkpoint
-    ckpt = load_checkpoint(path)
-    hop = HopHead(ckpt["z_dim"], ckpt["grid"], **ckpt.get("hop_size", {})) if ckpt.get("hop_env_steps") else None
-    model = MDNRNN(ckpt["z_dim"], ckpt["config"]["hidden"], ckpt["config"]["gaussians"], hop=hop)
+    c = (ckpt := load_checkpoint(path))["config"]
+    size = {k: c[f"hop_{k}"] for k in ("width", "convs") if f"hop_{k}" in c}  # older files: HopHead's default size
+    hop = HopHead(ckpt["z_dim"], ckpt["grid"], **size) if ckpt.get("hop_env_steps") else None
+    model = MDNRNN(ckpt["z_dim"], c["hidden"], c["gaussians"], hop=hop)
     model.load_state_dict({k: v.float() for k, v in ckpt["model"].items()})
     model.id = ckpt.get("id", "")  # what made it: later stages record it (made_from)
     return model.eval()

@@ -1655,8 +1655,8 @@ def test_hop_head_trains_only_in_ms_first_hop_epochs(tiny_run, tmp_path):
 
 def test_hop_head_size_is_a_flag_and_travels_in_the_checkpoint(tmp_path):
     """--hop-width/--hop-convs shape M's hop head on V's grid (the no-D hard runs' larger head); the checkpoint keeps
-    the size, so load_mdnrnn rebuilds the same head and the same logits; a file from before the flags (no hop_size)
-    still loads, as the default head it was."""
+    the size in its config, so load_mdnrnn rebuilds the same head and the same logits; a file from before the flags
+    (a config without them) still loads, as the default head it was."""
     collect_quiet(tmp_path / "data", episodes=8, num_envs=8)
     vae.train(VAEConfig(data=str(tmp_path / "data"), out=str(tmp_path / "vae.pt"), z_dim=64, spatial=True, epochs=1,
                         batch_size=64))
@@ -1669,7 +1669,7 @@ def test_hop_head_size_is_a_flag_and_travels_in_the_checkpoint(tmp_path):
     assert torch.equal(mdnrnn.load_mdnrnn(str(tmp_path / "big.pt")).hop(z, z.flip(0), a), big.hop(z, z.flip(0), a))
     mdnrnn.train(MDNConfig(**m, out=str(tmp_path / "old.pt")))
     ckpt = torch.load(tmp_path / "old.pt", weights_only=True)
-    del ckpt["hop_size"]  # as M's stage wrote it before the flags
+    del ckpt["config"]["hop_width"], ckpt["config"]["hop_convs"]  # as M's stage wrote it before the flags
     torch.save(ckpt, tmp_path / "old.pt")
     old = mdnrnn.load_mdnrnn(str(tmp_path / "old.pt"))
     assert [c.out_channels for c in old.hop.net if isinstance(c, torch.nn.Conv2d)] == [32, 32]
