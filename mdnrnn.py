@@ -38,8 +38,8 @@ class MDNConfig:
     grad_clip: float = 1.0  # gradient norm clipping
     hop_steps: int = 400_000  # env steps of hop-then-wait play (danger.py) that M's hop head learns from (0: none)
     hop_epochs: int = 10  # passes of the hop head over those moves, in M's first epochs (hard: 30 memorise them)
-    hop_width: int = 32  # channels of the hop head's 3x3 convs on V's grid (hard, without D: 64)
-    hop_convs: int = 2  # the hop head's 3x3 convs (hard, without D: 3; a wider view of the cars)
+    hop_width: int = 32  # channels of the hop head's 3x3 convs on V's grid (train.py --preset no-d: 64)
+    hop_convs: int = 2  # the hop head's 3x3 convs (train.py --preset no-d: 3; a wider view of the cars)
     distribution_mode: Literal["easy", "hard"] = "easy"  # procgen difficulty of that play
     holdout: int = 20  # every holdout-th episode is kept out of training, for the test numbers
     seed: int = 0  # seeds torch and the shuffling

@@ -5,7 +5,7 @@ test the agent on held-out levels next to the random and always-UP baselines.
 
     python train.py                                   # default preset, easy mode, runs/easy-default
     python train.py --preset tiny --out /tmp/tiny     # the whole pipeline in a few minutes
-    python train.py --preset no-d                     # no D: C reads M's hop head, V z 256, 4x the hop play
+    python train.py --preset no-d                     # no D: C reads M's (larger) hop head, V z 256, 4x the hop play
     python train.py --distribution-mode hard --preset paper
     python train.py --iterations 2                    # Ha's iterative training: C plays, V, M and C learn again
 
@@ -35,7 +35,7 @@ import vae
 @dataclass
 class TrainConfig:
     out: str = ""  # run dir (default: runs/<distribution-mode>-<preset>)
-    preset: Literal["tiny", "default", "no-d", "paper"] = "default"  # tiny (minutes), default and no-d (<= 30 min), paper
+    preset: Literal["tiny", "default", "no-d", "paper"] = "default"  # tiny (minutes), default (23-34 min), no-d (28-39), paper
     distribution_mode: Literal["easy", "hard"] = "easy"  # procgen difficulty (the seed report used hard)
     seed: int = 0  # one seed for every stage
     episodes: int = 2000  # random rollouts collected for V and M
@@ -50,8 +50,8 @@ class TrainConfig:
     gaussians: int = 5  # M's mixture components per latent dim
     mdn_epochs: int = 30  # passes of M over the sequences (its held-out NLL and death AUC still improve from 10 to 30)
     hop_steps: int = 400_000  # env steps of hop-then-wait play that M's hop head learns from (0: none)
-    hop_width: int = 32  # channels of the hop head's 3x3 convs on V's grid (hard without D: 64, README)
-    hop_convs: int = 2  # the hop head's 3x3 convs (hard without D: 3; each sees the cars one cell further)
+    hop_width: int = 32  # channels of the hop head's 3x3 convs on V's grid (--preset no-d: 64, README)
+    hop_convs: int = 2  # the hop head's 3x3 convs (--preset no-d: 3; each sees the cars one cell further)
     danger_steps: int = 400_000  # env steps of hop-then-wait play that D learns from (0: no D)
     danger_epochs: int = 20  # passes of D over the recorded UPs (mirrored at random)
     generations: int = 30  # CMA-ES generations
@@ -102,7 +102,7 @@ PRESETS = {
                  eval_episodes=64, death_steps=640),
     "default": {},
     "no-d": dict(inputs="zhm", danger_steps=0, z_dim=256, colour_balance=True, vae_epochs=7, hop_steps=1_600_000,
-                 start_threshold=-1.0, generations=5),  # the world model without D (README: "The world model without D")
+                 hop_convs=3, hop_width=64, start_threshold=-1.0, generations=5),  # README: "The world model without D"
     "paper": dict(episodes=10000, z_dim=512, spatial=False, vae_epochs=10, hidden=1024, gaussians=16, mdn_epochs=45,
                   danger_steps=0, inputs="zh", generations=100, popsize=30, levels=30),
 }
