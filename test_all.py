@@ -1655,7 +1655,7 @@ def test_hop_head_trains_only_in_ms_first_hop_epochs(tiny_run, tmp_path):
 
 
 def test_hop_head_size_is_a_flag_and_travels_in_the_checkpoint(tmp_path):
-    """--hop-width/--hop-convs shape M's hop head on V's grid (the no-D hard runs' larger head); the checkpoint keeps
+    """--hop-width/--hop-convs shape M's hop head on V's grid (--preset no-d's larger head); the checkpoint keeps
     the size in its config, so load_mdnrnn rebuilds the same head and the same logits; a file from before the flags
     (a config without them) still loads, as the default head it was."""
     collect_quiet(tmp_path / "data", episodes=8, num_envs=8)
