@@ -1,7 +1,7 @@
 """C: the controller of World Models (Ha & Schmidhuber 2018, section 2.3), one linear layer + sigmoid on [z_t, h_t] -> 5
 action scores, trained by CMA-ES (`cma`) in the real game or in M's dream (section 4), rollouts batched over processes.
---inputs zhd (the default) adds D's logit of "this UP is deadly" (danger.py), zhm M's (its hop head on V's z), and C
-starts at the rule it implies, "UP iff it is < --start-threshold".
+--inputs zhd (the default) adds D's logit of "this UP is deadly" (danger.py), zhm M's (its hop head on V's z; --mirror:
+averaged with its reading of the mirrored frame), and C starts at the rule it implies: "UP iff it < --start-threshold".
 
     python controller.py                          # runs/vae.pt, mdnrnn.pt, danger.pt -> runs/controller.pt
     python controller.py --inputs zh --out runs/controller_zh.pt     # Ha's C on [z, h], without D
@@ -16,7 +16,6 @@ import signal
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
 from typing import Literal
 
 import cma
@@ -29,8 +28,10 @@ from danger import danger_logit, load_danger, start_point
 from mdnrnn import dream, load_mdnrnn
 from vae import identity, load_checkpoint, load_vae, resume_point, save_atomic, to_input
 
+_models = {}  # each pool worker loads V, M and D once (init_worker)
 
-@dataclass
+
+@dataclasses.dataclass
 class CConfig:
     vae: str = "runs/vae.pt"  # trained V
     mdnrnn: str = "runs/mdnrnn.pt"  # trained M
@@ -45,6 +46,7 @@ class CConfig:
     sigma0: float = 0.5  # initial CMA-ES step size
     danger_prior: float = 1.0  # with d or m: start at "UP iff its logit < start_threshold, else no-op" (0: at zero)
     start_threshold: float = 0.0  # that rule's threshold (lower: fewer, safer UPs)
+    mirror: bool = False  # with m: M's logit averaged over the frame and its mirror image (a second V pass per step)
     diagonal: int = 1000  # above this many parameters use the diagonal (sep-)CMA, O(n) per step
     controller_env: Literal["real", "dream"] = "real"  # where candidates are scored: the game or M's dream (Ha §4)
     temperature: float = 1.15  # the dream's tau: M samples at this temperature (Ha: 1.15 for Doom)
@@ -61,6 +63,8 @@ class CConfig:
                                         workers=0, dream_episodes=1), above=dict(sigma0=0, temperature=0))
         if self.controller_env == "dream" and self.inputs[-1] in "dm":
             fail(f"--controller-env dream with --inputs {self.inputs}: the dream gives C only z and h (z, zh)")
+        if self.mirror and "m" not in self.inputs:
+            fail(f"--mirror with --inputs {self.inputs}: the mirror is read by M's hop head (m), --inputs zhm")
 
 
 def input_sizes(inputs, z_dim, hidden):
@@ -81,21 +85,19 @@ def choose(weights, f):
 
 
 class Agent:
-    """V -> C -> M as one policy over a batch of procgen envs: the fitness rollouts and evaluate.py
-    both play it. weights: (5,n_features+1), one C for every env, or (n,5,n_features+1), one per env."""
+    """V -> C -> M, one policy for a batch of envs (fitness rollouts, evaluate.py); weights (5,F+1), or (n,5,F+1)."""
 
-    def __init__(self, vae, mdn, weights, inputs, danger=None, distribution_mode="easy"):
-        self.vae, self.mdn, self.weights, self.inputs = vae, mdn, weights.float(), inputs
+    def __init__(self, vae, mdn, weights, inputs, danger=None, distribution_mode="easy", mirror=False):
+        self.vae, self.mdn, self.weights, self.inputs, self.mirror = vae, mdn, weights.float(), inputs, mirror
         self.danger, self.distribution_mode, self.state, self.last = danger, distribution_mode, None, None
 
-    def reset(self, num_envs):  # M's memory (h, c), each (1,N,H), the previous frame (for D) and its z (for M's hop)
+    def reset(self, num_envs):  # M's memory (h, c), each (1,N,H), the previous frame (for D), its z's (M's hop head)
         self.state, self.last = torch.zeros(2, 1, num_envs, self.mdn.hidden).unbind(), None
-        self.z_last = torch.zeros(num_envs, self.vae.z_dim)  # (N,Z)
+        self.z_last = torch.zeros(1 + self.mirror, num_envs, self.vae.z_dim)  # (1 or 2,N,Z): as seen (and mirrored)
 
     @torch.no_grad()
     def act(self, obs, first, alive=None):
-        """obs uint8 (N,64,64,3), first bool (N,): a new episode starts (its memory is zeroed),
-        alive bool (N,): only these envs are computed, the others get NONE. -> procgen ids (N,)."""
+        """obs uint8 (N,64,64,3); first (N,): new episode, memory zeroed; alive (N,): the rest get NONE -> ids (N,)"""
         n, first = len(obs), np.asarray(first, dtype=bool)
         if self.state is None or self.state[0].shape[1] != n:
             self.reset(n)
@@ -106,25 +108,28 @@ class Agent:
         actions = np.full(n, ACTIONS[NONE])
         if len(idx) == 0:
             return actions
-        z = self.vae.encode(to_input(obs[idx]))[0]  # V: (n,Z), mu, no sampling at control time (as Ha)
-        z_last, self.z_last[idx] = torch.where(torch.from_numpy(first[idx])[:, None], z, self.z_last[idx]), z  # (n,Z)
-        a = self.decide(z, z_last, h[0, idx], obs[idx], last[idx], idx)  # C: (n,) action indices
+        x = to_input(obs[idx])  # (n,3,64,64); --mirror: V also sees it mirrored (2n,...), the game being symmetric
+        z = self.vae.encode(torch.cat([x, x.flip(-1)]) if self.mirror else x)[0].view(-1, len(idx), self.vae.z_dim)
+        z_last = torch.where(torch.from_numpy(first[idx])[:, None], z, self.z_last[:, idx])  # (1 or 2,n,Z)
+        self.z_last[:, idx], self.zm, z = z, (z[1], z_last[1]) if self.mirror else None, z[0]  # (1 or 2,n,Z) -> (n,Z)
+        a = self.decide(z, z_last[0], h[0, idx], obs[idx], last[idx], idx)  # C: (n,) action indices
         h[:, idx], c[:, idx] = self.mdn.advance(z, a, (h[:, idx], c[:, idx]))  # M remembers what was done
         actions[idx] = ACTIONS[a.numpy()]
         return actions
 
     def decide(self, z, z_last, h, obs, last, idx):  # C's move for the live envs idx (n,): (n,) action indices
         d = danger_logit(self.inputs, self.danger, self.mdn, z, z_last, obs, last)  # (n,) or None
+        d = (d + danger_logit(self.inputs, None, self.mdn, *self.zm, None, None)) / 2 if self.mirror else d  # UP: UP
         return choose(self.weights if self.weights.dim() == 2 else self.weights[idx], features(z, h, self.inputs, d))
 
 
-def rollout(vae, mdn, params, level_seeds, distribution_mode, inputs, max_steps=MAX_STEPS, danger=None):
+def rollout(vae, mdn, params, level_seeds, distribution_mode, inputs, max_steps=MAX_STEPS, mirror=False, danger=None):
     """Play every candidate of params (P,n_params) once on each level: -> returns (P,E), agent steps. Each env counts
     only its first episode; finished envs cost no V or M work (procgen steps them with the cheap no-op)."""
     P, E = len(params), len(level_seeds)
     envs = [make_env(P, distribution_mode, start_level=int(s), num_levels=1) for s in level_seeds]
     weights = torch.tensor(params, dtype=torch.float32).view(P, len(ACTIONS), -1).repeat(E, 1, 1)  # (E*P,5,F+1)
-    agent = Agent(vae, mdn, weights, inputs, danger)
+    agent = Agent(vae, mdn, weights, inputs, danger, mirror=mirror)
     obs = np.concatenate([e.observe()[1]["rgb"] for e in envs])  # (E*P,64,64,3): env k*P+p = candidate p, level k
     first, alive, ret, steps = np.ones(E * P, dtype=bool), np.ones(E * P, dtype=bool), np.zeros(E * P), 0
     for _ in range(max_steps):
@@ -139,9 +144,6 @@ def rollout(vae, mdn, params, level_seeds, distribution_mode, inputs, max_steps=
         if not alive.any():
             break
     return ret.reshape(E, P).T, steps  # (P,E)
-
-
-_models = {}  # each pool worker loads V, M and D once
 
 
 def init_worker(vae, mdn, danger=""):
@@ -170,10 +172,10 @@ def make_pool(kind, workers, vae_path, mdn_path, danger_path=""):
     return ProcessPoolExecutor(workers, ctx, initializer=init_worker, initargs=(vae_path, mdn_path, danger_path))
 
 
-def fitness(pool, params, level_seeds, distribution_mode, inputs, workers, max_steps=MAX_STEPS):
+def fitness(pool, params, level_seeds, distribution_mode, inputs, workers, max_steps=MAX_STEPS, mirror=False):
     """Mean return of each candidate over the levels split over the workers; serial (pool=None): the same."""
     chunks = [c for c in np.array_split(np.asarray(level_seeds), workers) if len(c)]
-    jobs = [(params, c, distribution_mode, inputs, max_steps) for c in chunks]
+    jobs = [(params, c, distribution_mode, inputs, max_steps, mirror) for c in chunks]
     results = list((pool.map if pool else map)(rollout_job, jobs))
     return np.concatenate([r for r, _ in results], axis=1).mean(axis=1), sum(s for _, s in results)  # (P,E) -> (P,)
 
@@ -207,8 +209,7 @@ def make_search(cfg, sizes):
                                     CMA_diagonal=n_params > cfg.diagonal, CMA_stds=np.tile(stds, len(ACTIONS))))
 
 
-def level_draw(seed, generation, n):
-    """Training levels of one generation: fresh each generation, the same on resume."""
+def level_draw(seed, generation, n):  # the training levels of one generation: fresh each generation, the same on resume
     return np.random.default_rng([seed, generation]).integers(0, 2**31 - 1, n)
 
 
@@ -237,7 +238,7 @@ def train(cfg):
         nonlocal pool
         for attempt in range(2):
             try:
-                return fitness(pool, X, levels, cfg.distribution_mode, cfg.inputs, workers, cfg.max_steps)
+                return fitness(pool, X, levels, cfg.distribution_mode, cfg.inputs, workers, cfg.max_steps, cfg.mirror)
             except Exception as e:  # a dead worker: the executor's BrokenProcessPool, or Ray's actor errors
                 if type(e).__name__ not in ("BrokenProcessPool", "RayActorError", "ActorDiedError"):
                     raise
@@ -272,8 +273,7 @@ def train(cfg):
             row = dict(generation=gen + 1, best=fit.max(), mean=fit.mean(), sigma=es.sigma, seconds=time.time() - t0,
                        agent_steps_per_s=steps / (time.time() - t0), env_steps=env_steps)
             if (gen + 1) % cfg.eval_every == 0 or gen + 1 == cfg.generations:
-                # A generation's best is partly luck on 16 levels: re-test it and the mean on more, in the game.
-                candidates = np.stack([es.mean, X[int(fit.argmax())]])
+                candidates = np.stack([es.mean, X[int(fit.argmax())]])  # a best of 16 levels is partly luck: re-test
                 val, s = evaluate(candidates, val_levels)
                 env_steps += s
                 if cfg.controller_env == "dream":  # ... beside their dream scores: when C fools M, the two part

@@ -53,7 +53,7 @@ def load_agent(run_dir):
         if not os.path.exists(paths[name]):
             fail(f"--run {run_dir}: no {name}.pt in it (train it with {name}.py, --out {paths[name]})")
     vae, mdn, ckpt = load_vae(paths["vae"]), load_mdnrnn(paths["mdnrnn"]), load_checkpoint(paths["controller"])
-    inputs = ckpt["config"]["inputs"]
+    config, inputs = ckpt["config"], ckpt["config"]["inputs"]  # C's flags (mirror: only in files made since --mirror)
     n_features = sum(input_sizes(inputs, vae.z_dim, mdn.hidden).values())
     n_params = len(ACTIONS) * (n_features + 1)
     if (ckpt["z_dim"], ckpt["hidden"]) != (vae.z_dim, mdn.hidden) or ckpt["params"].numel() != n_params:
@@ -67,7 +67,7 @@ def load_agent(run_dir):
         if ids[name] != made_with:
             fail(f"--run {run_dir}: {paths['controller']} was trained with another {name}.pt than the one there")
     weights = ckpt["params"].float().view(len(ACTIONS), -1)  # (5,n_features+1), bias last
-    return Agent(vae, mdn, weights, inputs, danger, ckpt["config"]["distribution_mode"])
+    return Agent(vae, mdn, weights, inputs, danger, config["distribution_mode"], config.get("mirror", False))
 
 
 class RandomPolicy:

@@ -433,14 +433,28 @@ def test_m_trains_on_encoded_episodes(tiny_run):
     assert mdnrnn.load_mdnrnn(str(tiny_run / "mdnrnn.pt")).hop is not None
 
 
-def test_c_on_m_hop_danger_trains_and_plays_without_d(tiny_run, tmp_path):
+def test_c_on_m_hop_danger_trains_and_plays_without_d(tiny_run, tmp_path, one_torch_thread):
+    """--inputs zhm --mirror: C trains on M's hop head read twice (the frame and its mirror), the checkpoint keeps the
+    flag, and the agent evaluate.py loads plays the held-out levels exactly as the training rollouts do."""
     r = copy_run(tiny_run, tmp_path, "vae.pt", "mdnrnn.pt")
-    controller.train(CConfig(vae=str(r / "vae.pt"), mdnrnn=str(r / "mdnrnn.pt"), out=str(r / "controller.pt"),
+    controller.train(CConfig(vae=str(r / "vae.pt"), mdnrnn=str(r / "mdnrnn.pt"), out=str(r / "controller.pt"), mirror=True,
                              inputs="zhm", generations=1, popsize=4, levels=2, eval_every=1, eval_levels=2, workers=1))
     agent = evaluate.load_agent(str(r))  # no danger.pt: C reads M's hop head
-    assert agent.inputs == "zhm" and agent.danger is None and not os.path.exists(r / "danger.pt")
+    assert agent.inputs == "zhm" and agent.danger is None and not os.path.exists(r / "danger.pt") and agent.mirror
     returns, lengths = evaluate.play(agent, 8, TEST_SEED, "easy")
     assert returns.shape == (8,) and lengths.min() >= 1
+    levels = [info["level_seed"] for info in collect.make_env(8, "easy", seed=TEST_SEED).get_info()]
+    trained, _ = controller.rollout(agent.vae, agent.mdn, agent.weights.reshape(1, -1).numpy(), levels, "easy", "zhm",
+                                    mirror=True)
+    assert np.array_equal(returns, trained[0])
+    for flags in (dict(inputs="zh", mirror=True), dict(inputs="zhd", mirror=True)):  # the mirror is M's hop head's
+        with pytest.raises(SystemExit) as e:
+            CConfig(**flags)
+        assert "--mirror with --inputs" in str(e.value)
+    import train
+    with pytest.raises(SystemExit) as e:
+        train.TrainConfig(inputs="zhd", mirror=True)
+    assert "--mirror with --inputs zhd" in str(e.value)
 
 
 def test_c_reads_m_hop_danger_of_an_up(tiny_run):
@@ -460,6 +474,20 @@ def test_c_reads_m_hop_danger_of_an_up(tiny_run):
         with torch.no_grad():
             logit = m.hop(z, z_last, torch.full((8,), collect.UP))
         actions = agent.act(obs["rgb"], first)
+        assert np.array_equal(actions, collect.ACTIONS[np.where(logit.numpy() < 0, collect.UP, collect.NONE)])
+        env.act(actions)
+        _, obs, first = env.observe()
+        z_last = z
+    mirrored, env, z_last = controller.Agent(v, m, x0, "zhm", mirror=True), collect.make_env(8, "easy", seed=3), None
+    _, obs, first = env.observe()  # --mirror: the logit averaged with the mirror image's (whose UP is UP), three steps
+    for _ in range(3):
+        x = vae.to_input(obs["rgb"])
+        with torch.no_grad():
+            z = v.encode(torch.cat([x, x.flip(-1)]))[0].view(2, 8, -1)  # (2,8,Z): as seen, mirrored
+            z_last = z if z_last is None else torch.where(torch.from_numpy(first)[:, None], z, z_last)
+            logit = (m.hop(z[0], z_last[0], torch.full((8,), collect.UP)) + m.hop(z[1], z_last[1], torch.full(
+                (8,), collect.UP))) / 2
+        actions = mirrored.act(obs["rgb"], first)
         assert np.array_equal(actions, collect.ACTIONS[np.where(logit.numpy() < 0, collect.UP, collect.NONE)])
         env.act(actions)
         _, obs, first = env.observe()

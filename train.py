@@ -62,6 +62,7 @@ class TrainConfig:
     danger_prior: float = 1.0  # CMA-ES starts at "UP iff D's logit < start_threshold, else no-op" (0: at zero)
     start_threshold: float = 0.0  # that rule's threshold (lower: fewer, safer UPs)
     inputs: Literal["z", "zh", "zhd", "zhm"] = "zhd"  # C reads z, [z, h] (Ha's), [z, h] + D's logit d or M's hop m
+    mirror: bool = False  # with m: M's hop head reads the frame and its mirror image, the logits averaged (2x V's work)
     controller_env: Literal["real", "dream"] = "real"  # C's fitness: the game, or M's dream (then zh and no D)
     temperature: float = 1.15  # the dream's tau (Ha: 1.15 for Doom)
     dream_episodes: int = 256  # dream episodes per candidate per generation
@@ -94,6 +95,8 @@ class TrainConfig:
             collect.fail(f"--inputs {self.inputs} with --hop-steps 0: C reads M's hop head (m), which needs its play")
         if self.controller_env == "dream" and self.inputs[-1] in "dm":
             collect.fail(f"--controller-env dream with --inputs {self.inputs}: the dream gives C only z and h")
+        if self.mirror and "m" not in self.inputs:
+            collect.fail(f"--mirror with --inputs {self.inputs}: the mirror is read by M's hop head (m), --inputs zhm")
 
 
 PRESETS = {
@@ -228,7 +231,7 @@ def round_stages(cfg, here, k):
     print(f"== 5/5 evolve C{tag}")
     shared = ("distribution_mode", "generations", "popsize", "levels", "max_steps", "sigma0", "danger_prior", "inputs",
               "start_threshold", "controller_env", "temperature", "dream_episodes", "eval_every", "eval_levels",
-              "workers", "pool", "seed")
+              "workers", "pool", "seed", "mirror")
     ccfg = controller.CConfig(vae=path("vae.pt"), mdnrnn=path("mdnrnn.pt"), out=path("controller.pt"),
                               danger=path("danger.pt"), resume=True, **{f: getattr(cfg, f) for f in shared})
     controller.train(ccfg)

@@ -23,7 +23,7 @@ from controller import Agent, input_sizes  # noqa: E402
 from danger import MIRROR, load_danger, start_point  # noqa: E402
 from evaluate import play  # noqa: E402
 from mdnrnn import load_mdnrnn  # noqa: E402
-from vae import load_vae, to_input  # noqa: E402
+from vae import load_vae  # noqa: E402
 
 
 @dataclass
@@ -70,21 +70,9 @@ class Safest(Agent):
     """M's rule "UP iff the hop head's logit of UP < thr"; else, with a margin, the move (not UP) whose logit is the
     lowest, waiting's lowered by the margin (None: wait); with mirror, each logit averaged with the mirror image's."""
 
-    def __init__(self, vae, mdn, thr, margin=None, mirror=False):
-        super().__init__(vae, mdn, torch.zeros(len(ACTIONS), 2), "zhm")
-        self.thr, self.margin, self.mirror = thr, margin, mirror
-
-    def reset(self, num_envs):
-        super().reset(num_envs)
-        self.zm_last = torch.zeros(num_envs, self.vae.z_dim)  # (N,Z): V's z of each env's last frame, mirrored
-
-    def act(self, obs, first, alive=None):  # V's z of the mirrored frame, and of the last one, for decide
-        if self.mirror:
-            idx = np.arange(len(obs)) if alive is None else np.flatnonzero(alive)
-            zm = self.vae.encode(to_input(obs[idx]).flip(-1))[0]  # (n,Z): left and right swapped
-            self.zm = zm, torch.where(torch.from_numpy(np.asarray(first)[idx])[:, None], zm, self.zm_last[idx])
-            self.zm_last[idx] = zm
-        return super().act(obs, first, alive)
+    def __init__(self, vae, mdn, thr, margin=None, mirror=False):  # mirror: Agent's, V's z of the mirrored frames
+        super().__init__(vae, mdn, torch.zeros(len(ACTIONS), 2), "zhm", mirror=mirror)
+        self.thr, self.margin = thr, margin
 
     def decide(self, z, z_last, h, obs, last, idx):
         moves = torch.arange(len(ACTIONS))
