@@ -692,7 +692,7 @@ def test_train_dream_defaults():
 def test_train_no_d_preset_is_the_readme_command_and_flags_still_override():
     import train
     long = ["--inputs", "zhm", "--danger-steps", "0", "--z-dim", "256", "--colour-balance", "--vae-epochs", "7",
-            "--hop-steps", "1600000", "--hop-convs", "3", "--hop-width", "64", "--start-threshold", "-1",
+            "--hop-steps", "1600000", "--hop-convs", "3", "--hop-width", "64", "--mirror", "--start-threshold", "-1",
             "--generations", "5", "--out", "r"]
     preset = train.parse_args(["--preset", "no-d", "--out", "r"])
     assert dataclasses.replace(preset, preset="default") == train.parse_args(long)  # only the preset's name differs

@@ -5,7 +5,7 @@ test the agent on held-out levels next to the random and always-UP baselines.
 
     python train.py                                   # default preset, easy mode, runs/easy-default
     python train.py --preset tiny --out /tmp/tiny     # the whole pipeline in a few minutes
-    python train.py --preset no-d                     # no D: C reads M's (larger) hop head, V z 256, 4x the hop play
+    python train.py --preset no-d                     # no D: C reads M's hop head (larger, mirrored), V z 256
     python train.py --distribution-mode hard --preset paper
     python train.py --iterations 2                    # Ha's iterative training: C plays, V, M and C learn again
 
@@ -35,7 +35,7 @@ import vae
 @dataclass
 class TrainConfig:
     out: str = ""  # run dir (default: runs/<distribution-mode>-<preset>)
-    preset: Literal["tiny", "default", "no-d", "paper"] = "default"  # tiny (minutes), default (23-34 min), no-d (28-39), paper
+    preset: Literal["tiny", "default", "no-d", "paper"] = "default"  # tiny (minutes), default (23-34 min), no-d (30-42), paper
     distribution_mode: Literal["easy", "hard"] = "easy"  # procgen difficulty (the seed report used hard)
     seed: int = 0  # one seed for every stage
     episodes: int = 2000  # random rollouts collected for V and M
@@ -105,7 +105,7 @@ PRESETS = {
                  eval_episodes=64, death_steps=640),
     "default": {},
     "no-d": dict(inputs="zhm", danger_steps=0, z_dim=256, colour_balance=True, vae_epochs=7, hop_steps=1_600_000,
-                 hop_convs=3, hop_width=64, start_threshold=-1.0, generations=5),  # README: "The world model without D"
+                 hop_convs=3, hop_width=64, mirror=True, start_threshold=-1.0, generations=5),  # README: "without D"
     "paper": dict(episodes=10000, z_dim=512, spatial=False, vae_epochs=10, hidden=1024, gaussians=16, mdn_epochs=45,
                   danger_steps=0, inputs="zh", generations=100, popsize=30, levels=30),
 }
