@@ -35,7 +35,7 @@ import vae
 @dataclass
 class TrainConfig:
     out: str = ""  # run dir (default: runs/<distribution-mode>-<preset>)
-    preset: Literal["tiny", "default", "no-d", "paper"] = "default"  # tiny (minutes), default (23-34 min), no-d (30-42), paper
+    preset: Literal["tiny", "default", "no-d", "paper"] = "default"  # tiny (minutes), default (23-34 min), no-d (28-39), paper
     distribution_mode: Literal["easy", "hard"] = "easy"  # procgen difficulty (the seed report used hard)
     seed: int = 0  # one seed for every stage
     episodes: int = 2000  # random rollouts collected for V and M
